@@ -1,0 +1,1 @@
+"""The `gfspy` administration command."""
