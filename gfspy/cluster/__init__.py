@@ -1,0 +1,1 @@
+"""Cluster membership, quorum and fencing: the agreed, numbered views the DLM consumes."""
