@@ -14,7 +14,7 @@ import sys
 
 #: Modules that each define `register(subparsers)`; every subcommand parser they add sets
 #: `func`, a callable taking the parsed args and returning an exit code.
-SUBCOMMAND_MODULES: list[str] = []
+SUBCOMMAND_MODULES: list[str] = ["gfspy.admin.cluster", "gfspy.admin.paths", "gfspy.admin.storage"]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,1 @@
+"""gfspy-blockd: the NBD storage server with a fencing control channel."""

@@ -1,0 +1,7 @@
+"""`python -m gfspy.blockd`: run the storage server."""
+
+import sys
+
+from gfspy.blockd.cli import main
+
+sys.exit(main())

@@ -1,0 +1,284 @@
+"""Export backends: a file or block device served with no server-side cache.
+
+Two servers may export the same LUN, so nothing may be cached or delayed here: O_DIRECT
+with aligned buffers where the kernel supports it, FLUSH = fdatasync, FUA = RWF_DSYNC,
+and unaligned I/O is refused rather than read-modify-written.  Every method is blocking
+and meant to run in a worker thread; a returned call means the I/O reached the device
+or never will, which is what fencing's drain relies on.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+import threading
+
+from gfspy.nbd.wire import NbdErrno
+
+log = logging.getLogger(__name__)
+
+BLKGETSIZE64 = 0x80081272
+BLKSSZGET = 0x1268
+BLKDISCARD = 0x1277
+BLKZEROOUT = 0x127F
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+
+_ZERO_CHUNK = 1 << 20
+_MIN_POOLED = 64 * 1024
+_POOL_DEPTH = 16  # buffers kept per size class
+
+
+class BackendError(OSError):
+    """An I/O failure, with the NBD error value to send back."""
+
+    def __init__(self, nbd_error: NbdErrno, message: str) -> None:
+        super().__init__(int(nbd_error), message)
+        self.nbd_error = nbd_error
+
+
+def nbd_error_for(err: int | None) -> NbdErrno:
+    """Map an OS errno to the NBD error a client should see."""
+    if err in (errno.EPERM, errno.EROFS, errno.EACCES):
+        return NbdErrno.EPERM
+    if err in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return NbdErrno.ENOSPC
+    if err == errno.EINVAL:
+        return NbdErrno.EINVAL
+    if err in (errno.EOPNOTSUPP, errno.ENOTSUP):
+        return NbdErrno.ENOTSUP
+    return NbdErrno.EIO
+
+
+class _BufferPool:
+    """Page-aligned (mmap) buffers for O_DIRECT, reused to avoid a mmap per request."""
+
+    def __init__(self) -> None:
+        self._free: dict[int, list[mmap.mmap]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def _size_class(length: int) -> int:
+        return max(_MIN_POOLED, 1 << (max(length, 1) - 1).bit_length())
+
+    def get(self, length: int) -> mmap.mmap:
+        size = self._size_class(length)
+        with self._lock:
+            free = self._free.get(size)
+            if free:
+                return free.pop()
+        return mmap.mmap(-1, size)
+
+    def put(self, buf: mmap.mmap) -> None:
+        with self._lock:
+            free = self._free.setdefault(len(buf), [])
+            if len(free) < _POOL_DEPTH:
+                free.append(buf)
+                return
+        buf.close()
+
+
+class FileBackend:
+    """A regular file or block device opened for uncached, aligned I/O."""
+
+    def __init__(self, path: str, *, readonly: bool = False) -> None:
+        self.path = path
+        self.readonly = readonly
+        try:
+            st = os.stat(path)
+        except OSError as e:
+            raise BackendError(nbd_error_for(e.errno), f"{path}: {e.strerror}") from None
+        self.is_blockdev = stat.S_ISBLK(st.st_mode)
+        if not (self.is_blockdev or stat.S_ISREG(st.st_mode)):
+            raise BackendError(NbdErrno.EINVAL, f"{path}: not a regular file or block device")
+        flags = (os.O_RDONLY if readonly else os.O_RDWR) | os.O_CLOEXEC
+        self.direct = True
+        try:
+            self.fd = os.open(path, flags | os.O_DIRECT)
+        except OSError as e:
+            if e.errno != errno.EINVAL:
+                raise BackendError(nbd_error_for(e.errno), f"{path}: {e.strerror}") from None
+            # Only a filesystem without O_DIRECT gets here; its page cache is the only
+            # copy of the data on this host, so two exports of it still agree.
+            log.warning("%s: O_DIRECT not supported; using buffered I/O", path)
+            self.direct = False
+            self.fd = os.open(path, flags)
+        if self.is_blockdev:
+            raw = fcntl.ioctl(self.fd, BLKGETSIZE64, b"\0" * 8)
+            device_size = struct.unpack("Q", raw)[0]
+            self.block_size = struct.unpack("i", fcntl.ioctl(self.fd, BLKSSZGET, b"\0" * 4))[0]
+        else:
+            device_size = st.st_size
+            self.block_size = self._probe_direct_alignment()
+        self.size = device_size - device_size % self.block_size
+        if self.size != device_size:
+            log.warning(
+                "%s: size %d is not a multiple of %d; exporting %d bytes",
+                path,
+                device_size,
+                self.block_size,
+                self.size,
+            )
+        self._pool = _BufferPool()
+        self._gen_lock = threading.Lock()
+        self._write_generation = 0  # bumped after every completed write
+        self._flushed_generation = 0  # the generation the last completed flush covered
+
+    def _probe_direct_alignment(self) -> int:
+        """The smallest I/O unit O_DIRECT accepts on this file (512 or 4096 in practice)."""
+        if not self.direct:
+            return 512
+        buf = mmap.mmap(-1, 4096)
+        try:
+            for size in (512, 1024, 2048, 4096):
+                try:
+                    os.preadv(self.fd, [memoryview(buf)[:size]], 0)
+                    return size
+                except OSError as e:
+                    if e.errno != errno.EINVAL:
+                        break
+        finally:
+            buf.close()
+        return 4096
+
+    # --- operations (blocking) --------------------------------------------------
+
+    def read(self, offset: int, length: int) -> bytes:
+        if length == 0:
+            return b""
+        buf = self._pool.get(length)
+        try:
+            view = memoryview(buf)[:length]
+            try:
+                got = os.preadv(self.fd, [view], offset)
+                data = bytes(view[:got])
+            finally:
+                view.release()
+        except OSError as e:
+            raise BackendError(nbd_error_for(e.errno), f"read at {offset}: {e.strerror}") from e
+        finally:
+            self._pool.put(buf)
+        if got != length:
+            raise BackendError(NbdErrno.EIO, f"short read at {offset}: {got} of {length}")
+        return data
+
+    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+        length = len(data)
+        if length == 0:
+            return
+        buf = self._pool.get(length)
+        try:
+            view = memoryview(buf)[:length]
+            try:
+                view[:] = data
+                done = os.pwritev(self.fd, [view], offset, os.RWF_DSYNC if fua else 0)
+            finally:
+                view.release()
+        except OSError as e:
+            raise BackendError(nbd_error_for(e.errno), f"write at {offset}: {e.strerror}") from e
+        finally:
+            self._pool.put(buf)
+        if done != length:
+            raise BackendError(NbdErrno.EIO, f"short write at {offset}: {done} of {length}")
+        self._wrote()
+
+    def _wrote(self) -> None:
+        with self._gen_lock:
+            self._write_generation += 1
+
+    def flush(self) -> None:
+        """fdatasync, skipped when nothing was written since the last completed flush.
+
+        The generation is read before syncing and recorded only after the sync returns,
+        so a write that completes during the sync is still flushed by the next FLUSH.
+        """
+        with self._gen_lock:
+            target = self._write_generation
+            if target == self._flushed_generation:
+                return
+        try:
+            os.fdatasync(self.fd)
+        except OSError as e:
+            raise BackendError(nbd_error_for(e.errno), f"flush: {e.strerror}") from e
+        with self._gen_lock:
+            self._flushed_generation = max(self._flushed_generation, target)
+
+    def trim(self, offset: int, length: int, fua: bool = False) -> None:
+        """A hint: discard what the device lets us, ignore 'not supported'."""
+        if length == 0:
+            return
+        try:
+            if self.is_blockdev:
+                fcntl.ioctl(self.fd, BLKDISCARD, struct.pack("QQ", offset, length))
+            else:
+                self._fallocate(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY):
+                raise BackendError(nbd_error_for(e.errno), f"trim at {offset}: {e.strerror}") from e
+            return
+        self._wrote()
+        if fua:
+            self.flush()
+
+    def write_zeroes(self, offset: int, length: int, may_punch: bool, fua: bool = False) -> None:
+        """Zero a range without sending data: punch or zero-range, else write zeroes."""
+        if length == 0:
+            return
+        try:
+            if self.is_blockdev:
+                fcntl.ioctl(self.fd, BLKZEROOUT, struct.pack("QQ", offset, length))
+            else:
+                mode = FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE if may_punch else 0
+                self._fallocate(mode or FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE, offset, length)
+            self._wrote()
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.ENOTTY, errno.EINVAL):
+                raise BackendError(nbd_error_for(e.errno), f"zero at {offset}: {e.strerror}") from e
+            self._write_zero_buffers(offset, length)
+        if fua:
+            self.flush()
+
+    def _write_zero_buffers(self, offset: int, length: int) -> None:
+        zeros = bytes(min(_ZERO_CHUNK, length))
+        end = offset + length
+        while offset < end:
+            n = min(_ZERO_CHUNK, end - offset)
+            self.write(offset, zeros[:n])
+            offset += n
+
+    def _fallocate(self, mode: int, offset: int, length: int) -> None:
+        if _libc.fallocate(self.fd, mode, offset, length) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            fd, self.fd = self.fd, -1
+            os.close(fd)
+
+
+def detect_wwid(path: str) -> str | None:
+    """The WWID the kernel reports for a block device (SCSI or NVMe), if any."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    base = f"/sys/dev/block/{os.major(st.st_rdev)}:{os.minor(st.st_rdev)}"
+    for candidate in ("device/wwid", "wwid"):
+        try:
+            with open(os.path.join(base, candidate), encoding="ascii", errors="replace") as f:
+                wwid = f.read().strip()
+        except OSError:
+            continue
+        if wwid:
+            return wwid
+    return None

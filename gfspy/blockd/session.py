@@ -1,0 +1,345 @@
+"""One NBD connection: handshake, identity binding, and pipelined transmission.
+
+A session drives the sans-IO `ServerConnection` over a trio stream.  Requests run as
+tasks so that many are in flight and replies leave in completion order.  For fencing a
+session counts the backend operations it has *dispatched*: once `fencing` is set no new
+operation is dispatched (the client gets EPERM), and `wait_drained` returns when the
+last dispatched one has come back from the kernel.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import ssl
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from gfspy.blockd.backend import BackendError
+from gfspy.nbd import server_proto as sp
+from gfspy.nbd import wire
+from gfspy.nbd.wire import Cmd, CmdFlag, NbdErrno, Opt, Rep
+
+if TYPE_CHECKING:
+    from gfspy.blockd.server import BlockServer, Export
+
+log = logging.getLogger(__name__)
+
+RECEIVE_SIZE = 256 * 1024
+MAX_IN_FLIGHT = 64  # requests of one connection being executed at once
+HANDSHAKE_TIMEOUT = 60.0  # a client must finish option haggling within this
+
+
+def peer_common_name(stream: trio.SSLStream) -> str | None:
+    """The CN of the verified client certificate: the node's authenticated name."""
+    cert = stream.getpeercert()
+    if not cert:
+        return None
+    for rdn in cert.get("subject", ()):
+        for key, value in rdn:
+            if key == "commonName":
+                return str(value)
+    return None
+
+
+class Session:
+    """State of one client connection, shared with the fencing code in `BlockServer`."""
+
+    def __init__(self, server: BlockServer, stream: trio.abc.Stream, session_id: str, peer: str):
+        self.server = server
+        self.stream = stream
+        self.id = session_id
+        self.peer = peer
+        self.peer_ip = peer.rsplit(":", 1)[0].strip("[]")
+        self.node: str | None = None
+        self.incarnation: int | None = None
+        self.authenticated = False  # True when the node name came from a certificate
+        self.tls_cn: str | None = None
+        self.export: Export | None = None
+        self.started = time.time()
+        self.fencing = False
+        self.dispatched = 0  # backend operations running in worker threads
+        self.queued = 0  # requests accepted but not yet dispatched or answered
+        self.requests = 0
+        self.bytes_read = 0
+        self.bytes_written = 0
+        self.closed = trio.Event()
+        self._drained = trio.Event()
+        self._cancel = trio.CancelScope()
+        self._send_lock = trio.Lock()
+        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
+        self._refused_fenced = 0
+
+    # --- fencing hooks ----------------------------------------------------------
+
+    def start_fencing(self) -> None:
+        """Stop dispatching: every later request of this session gets EPERM."""
+        if not self.fencing:
+            self.fencing = True
+            log.warning("session %s (node %s): fencing, no new I/O dispatched", self.id, self.node)
+
+    async def wait_drained(self) -> None:
+        """Return once no backend operation of this session is running."""
+        while self.dispatched:
+            await self._drained.wait()
+
+    async def close(self) -> None:
+        """Hard-disconnect and wait until the connection is fully torn down."""
+        self._cancel.cancel()
+        await self.closed.wait()
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "session_id": self.id,
+            "peer": self.peer,
+            "node": self.node,
+            "incarnation": None if self.incarnation is None else f"{self.incarnation:x}",
+            "authenticated": self.authenticated,
+            "export": None if self.export is None else self.export.name,
+            "fencing": self.fencing,
+            "in_flight": self.dispatched,
+            "queued": self.queued,
+            "requests": self.requests,
+            "bytes_read": self.bytes_read,
+            "bytes_written": self.bytes_written,
+            "age_s": round(time.time() - self.started, 1),
+        }
+
+    # --- main loop --------------------------------------------------------------
+
+    async def run(self) -> None:
+        try:
+            with self._cancel:
+                conn = sp.ServerConnection(tls_mode=self.server.tls_mode)
+                await self._send(conn.data_to_send())
+                with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake_scope:
+                    proceed = await self._handshake(conn)
+                if handshake_scope.cancelled_caught:
+                    log.warning("session %s from %s: handshake timed out", self.id, self.peer)
+                    proceed = False
+                if proceed:
+                    await self._transmission(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+            log.info("session %s from %s: connection lost: %s", self.id, self.peer, e)
+        finally:
+            self.server.unregister(self)
+            quiet = contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)
+            with trio.CancelScope(shield=True), trio.move_on_after(5), quiet:
+                await self.stream.aclose()
+            self.closed.set()
+            log.info("session %s from %s (node %s): closed", self.id, self.peer, self.node)
+
+    async def _send(self, data: bytes, payload: bytes = b"") -> None:
+        if not data:
+            return
+        async with self._send_lock:
+            await self.stream.send_all(data)
+            if payload:
+                await self.stream.send_all(payload)
+
+    async def _receive(self, conn: sp.ServerConnection) -> bool:
+        data = await self.stream.receive_some(RECEIVE_SIZE)
+        if not data:
+            return False
+        conn.receive_data(data)
+        return True
+
+    # --- handshake --------------------------------------------------------------
+
+    async def _handshake(self, conn: sp.ServerConnection) -> bool:
+        """Haggle options; True when transmission should start."""
+        while True:
+            event = conn.next_event()
+            if event is sp.NEED_DATA:
+                await self._send(conn.data_to_send())  # replies the machine gave itself
+                if conn.state is sp.State.DONE:
+                    return False
+                if not await self._receive(conn):
+                    log.info("session %s from %s: closed during handshake", self.id, self.peer)
+                    return False
+                continue
+            if isinstance(event, sp.ProtocolError):
+                log.warning(
+                    "session %s from %s: protocol error: %s", self.id, self.peer, event.reason
+                )
+                return False
+            if isinstance(event, sp.AbortRequested):
+                await self._send(conn.data_to_send())
+                return False
+            if isinstance(event, sp.ListRequested):
+                conn.send_list(self.server.export_list())
+            elif isinstance(event, sp.StartTLSRequested):
+                if not await self._start_tls(conn):
+                    return False
+            elif isinstance(event, sp.ExportRequested):
+                self._answer_export(conn, event)
+                if conn.state is sp.State.DONE:  # refused EXPORT_NAME: hang up
+                    return False
+            await self._send(conn.data_to_send())
+            if conn.state is sp.State.TRANSMISSION:
+                return True
+
+    async def _start_tls(self, conn: sp.ServerConnection) -> bool:
+        await self._send(conn.data_to_send())
+        context = self.server.tls_context
+        assert context is not None
+        tls_stream = trio.SSLStream(self.stream, context, server_side=True)
+        try:
+            await tls_stream.do_handshake()
+        except (trio.BrokenResourceError, ssl.SSLError) as e:
+            why = e.__cause__ or e
+            log.warning("session %s from %s: TLS handshake failed: %r", self.id, self.peer, why)
+            return False
+        self.stream = tls_stream
+        self.tls_cn = peer_common_name(tls_stream)
+        if not self.tls_cn:
+            log.warning("session %s from %s: client certificate has no CN", self.id, self.peer)
+            return False
+        conn.tls_established()
+        log.info("session %s from %s: TLS up, certificate CN %s", self.id, self.peer, self.tls_cn)
+        return True
+
+    def _answer_export(self, conn: sp.ServerConnection, event: sp.ExportRequested) -> None:
+        """Resolve export and identity, check the fence table, bind on GO."""
+        try:
+            ident = wire.parse_export_name(event.name)
+        except ValueError as e:
+            conn.refuse_export(Rep.ERR_INVALID, str(e))
+            log.warning("session %s from %s: bad export name: %s", self.id, self.peer, e)
+            return
+        export = self.server.find_export(ident.export)
+        if export is None:
+            conn.refuse_export(Rep.ERR_UNKNOWN, f"no export named {ident.export!r}")
+            log.info("session %s from %s: unknown export %r", self.id, self.peer, ident.export)
+            return
+        if self.server.shutting_down:
+            conn.refuse_export(Rep.ERR_SHUTDOWN, "server is shutting down")
+            return
+        if self.tls_cn is not None:
+            if ident.node is not None and ident.node != self.tls_cn:
+                conn.refuse_export(Rep.ERR_POLICY, "declared node does not match certificate")
+                log.warning(
+                    "session %s from %s: declared node %s but certificate says %s",
+                    self.id,
+                    self.peer,
+                    ident.node,
+                    self.tls_cn,
+                )
+                return
+            node, authenticated = self.tls_cn, True
+        else:
+            node, authenticated = ident.node or f"anon-{self.peer_ip}", False
+        allowed, why = self.server.fence_table.may_connect(node, ident.incarnation)
+        if not allowed:
+            conn.refuse_export(Rep.ERR_POLICY, f"fenced: {why}")
+            log.warning("session %s from %s: refused, %s", self.id, self.peer, why)
+            return
+        if event.opt != Opt.INFO:
+            self.node, self.incarnation, self.authenticated = node, ident.incarnation, authenticated
+            self.export = export
+            self.server.register(self)
+            log.info(
+                "session %s from %s: node %s incarnation %s opened export %s%s",
+                self.id,
+                self.peer,
+                node,
+                "-" if ident.incarnation is None else f"{ident.incarnation:x}",
+                export.name,
+                "" if authenticated else " (identity NOT authenticated: no TLS)",
+            )
+        conn.accept_export(
+            export.size,
+            export.transmission_flags,
+            export.block_size,
+            canonical_name=export.name,
+            description=f"{export.description}; session={self.id}",
+        )
+
+    # --- transmission -----------------------------------------------------------
+
+    async def _transmission(self, conn: sp.ServerConnection) -> None:
+        async with trio.open_nursery() as nursery:
+            while True:
+                event = conn.next_event()
+                if event is sp.NEED_DATA:
+                    if conn.state is sp.State.DONE or not await self._receive(conn):
+                        break
+                    continue
+                if isinstance(event, sp.Command):
+                    self.requests += 1
+                    await self._slots.acquire()
+                    self.queued += 1
+                    nursery.start_soon(self._execute, event.request, event.payload)
+                elif isinstance(event, sp.CommandRejected):
+                    log.info(
+                        "session %s: request %d rejected with %s: %s",
+                        self.id,
+                        event.request.type,
+                        event.error.name,
+                        event.reason,
+                    )
+                    await self._send(wire.encode_simple_reply(event.error, event.request.cookie))
+                elif isinstance(event, sp.DisconnectRequested):
+                    log.info("session %s: client sent DISC", self.id)
+                    break
+                elif isinstance(event, sp.ProtocolError):
+                    log.warning("session %s: protocol error: %s", self.id, event.reason)
+                    break
+            # Falling out of the nursery waits for every request already started.
+
+    def _operation(self, req: wire.Request, payload: bytes) -> Callable[[], bytes | None]:
+        assert self.export is not None
+        backend = self.export.backend
+        fua = bool(req.flags & CmdFlag.FUA)
+        if req.type == Cmd.READ:
+            return lambda: backend.read(req.offset, req.length)
+        if req.type == Cmd.WRITE:
+            return lambda: backend.write(req.offset, payload, fua)
+        if req.type == Cmd.FLUSH:
+            return backend.flush
+        if req.type == Cmd.TRIM:
+            return lambda: backend.trim(req.offset, req.length, fua)
+        if req.type == Cmd.WRITE_ZEROES:
+            may_punch = not req.flags & CmdFlag.NO_HOLE
+            return lambda: backend.write_zeroes(req.offset, req.length, may_punch, fua)
+        raise AssertionError(f"validated command {req.type} has no operation")
+
+    async def _execute(self, req: wire.Request, payload: bytes) -> None:
+        error: int = 0
+        data: bytes | None = None
+        try:
+            if self.fencing:
+                error = NbdErrno.EPERM
+                self._refused_fenced += 1
+                if self._refused_fenced == 1:
+                    log.warning("session %s (node %s): refusing I/O with EPERM", self.id, self.node)
+            elif self.server.shutting_down:
+                error = NbdErrno.ESHUTDOWN
+            else:
+                operation = self._operation(req, payload)
+                self.dispatched += 1
+                self.queued -= 1
+                try:
+                    data = await trio.to_thread.run_sync(operation, limiter=self.server.io_limiter)
+                except BackendError as e:
+                    error = e.nbd_error
+                    log.error("session %s: %s -> %s", self.id, e.strerror, e.nbd_error.name)
+                finally:
+                    self.queued += 1
+                    self.dispatched -= 1
+                    if self.dispatched == 0:
+                        self._drained.set()
+                        self._drained = trio.Event()
+            if not error:
+                if req.type == Cmd.READ:
+                    self.bytes_read += req.length
+                elif req.type == Cmd.WRITE:
+                    self.bytes_written += req.length
+            reply = wire.encode_simple_reply(error, req.cookie)
+            await self._send(reply, data if (data and not error) else b"")
+        finally:
+            self.queued -= 1
+            self._slots.release()

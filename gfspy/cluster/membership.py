@@ -1,0 +1,416 @@
+"""Agreed membership views, numbered by epoch (sans-IO).
+
+The protocol, and why it is safe:
+
+* The **coordinator** is the lowest-id member of the current view that this node still
+  hears (before any view exists: the lowest-id node heard, among nodes with no view). It
+  proposes view N = (epoch, prev_epoch, members) when the members it hears differ from the
+  view: failed nodes drop out, new incarnations of fresh nodes join.
+* It only proposes a membership that is **quorate**; a partitioned minority therefore
+  never proposes, let alone commits, a view.
+* A node **acks at most one proposal per epoch** (it acks only epochs above the highest it
+  acked, and only if `prev_epoch` is the view it has committed). The coordinator commits
+  only when **every** proposed member acked. Quorate member sets always intersect, so two
+  different views can never both be committed for one epoch, and every member of a
+  committed view had accepted exactly that view on top of the same previous view.
+* COMMIT is sent to the members and the committed view is also gossiped in every
+  heartbeat, so a member whose COMMIT was lost (or whose coordinator died half-way through
+  sending it) completes the same view from any peer. A node never skips a view it acked
+  and that was committed; views that were never committed are simply superseded.
+* Incarnations: a member is identified by (node id, incarnation). A node removed from a
+  view is never re-admitted with the same incarnation; the coordinator answers such a node
+  with REJECT, and a node that sees a newer view without itself knows it was expelled and
+  must stop (it restarts with a new incarnation, passing through fencing and a new join).
+* Joins wait while a fence is outstanding, so a joiner never starts locking before the
+  survivors have fenced everyone who needed it (reference §2.9, "fence in progress").
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+from gfspy.cluster.config import ClusterConfig
+from gfspy.cluster.quorum import QuorumCalculator
+from gfspy.cluster.view import Member, View
+
+log = logging.getLogger(__name__)
+
+#: Only the most recent removed incarnations travel in views; enough to outlive any
+#: realistic restart of a removed node while keeping datagrams small.
+MAX_REMOVED_HISTORY = 256
+
+
+@dataclass(frozen=True)
+class Proposal:
+    epoch: int
+    prev_epoch: int
+    coordinator: int
+    members: tuple[tuple[int, int], ...]  # (node_id, incarnation), sorted
+    removed_history: tuple[tuple[int, int], ...] = ()
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "epoch": self.epoch,
+            "prev": self.prev_epoch,
+            "coord": self.coordinator,
+            "members": [list(m) for m in self.members],
+            "removed": [list(r) for r in self.removed_history],
+        }
+
+    @classmethod
+    def from_wire(cls, body: dict[str, Any]) -> Proposal:
+        return cls(
+            epoch=int(body["epoch"]),
+            prev_epoch=int(body["prev"]),
+            coordinator=int(body["coord"]),
+            members=tuple(sorted((int(a), int(b)) for a, b in body["members"])),
+            removed_history=tuple((int(a), int(b)) for a, b in body.get("removed", [])),
+        )
+
+
+# Actions the owner must carry out.
+@dataclass(frozen=True)
+class Send:
+    node_id: int
+    kind: str
+    body: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ChangeBegan:
+    """A membership change is under way: stop locking now, before a view is agreed."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class ViewCommitted:
+    view: View
+    removed: dict[int, int]  # node id -> the incarnation that was removed (must be fenced)
+    joined: dict[int, int]  # node id -> incarnation newly admitted
+
+
+@dataclass(frozen=True)
+class Expelled:
+    """This incarnation is no longer a member and can never be again: stop all I/O."""
+
+    reason: str
+
+
+Action = Send | ChangeBegan | ViewCommitted | Expelled
+
+
+@dataclass
+class _InFlight:
+    proposal: Proposal
+    acks: set[int] = field(default_factory=set)
+    started: float = 0.0
+    last_sent: float = 0.0
+
+
+class Membership:
+    """One node's side of the view protocol."""
+
+    def __init__(
+        self, config: ClusterConfig, my_id: int, incarnation: int, quorum: QuorumCalculator
+    ) -> None:
+        self.config = config
+        self.my_id = my_id
+        self.incarnation = incarnation
+        self.quorum = quorum
+        self.view = View(epoch=0, members=(), quorate=False)
+        self.highest_acked = 0
+        self.highest_seen = 0
+        self.pending: Proposal | None = None
+        self.removed_history: list[tuple[int, int]] = []
+        self.expelled: str | None = None
+        self.alive: dict[int, int] = {}  # peer id -> incarnation, fed by the failure detector
+        self.peer_epoch: dict[int, int] = {}  # peer id -> committed epoch it gossips
+        self.witnesses_reachable = 0
+        self.fences_outstanding = False
+        self._in_flight: _InFlight | None = None
+        self._change_announced = False
+
+    # ----- queries -------------------------------------------------------------------
+
+    @property
+    def is_member(self) -> bool:
+        me = self.view.member(self.my_id)
+        return me is not None and me.incarnation == self.incarnation
+
+    def live_members(self) -> list[Member]:
+        """Members of the committed view that are still heard with the same incarnation."""
+        return [
+            m
+            for m in self.view.members
+            if m.node_id == self.my_id or self.alive.get(m.node_id) == m.incarnation
+        ]
+
+    def coordinator(self) -> int | None:
+        if self.expelled:
+            return None
+        if self.is_member:
+            return min(m.node_id for m in self.live_members())
+        if self.view.epoch == 0 and all(self.peer_epoch.get(p, 0) == 0 for p in self.alive):
+            return min([self.my_id, *self.alive])
+        return None  # joining an existing cluster: its coordinator will admit us
+
+    def gossip(self) -> dict[str, Any]:
+        """The view summary every heartbeat carries."""
+        return {
+            "epoch": self.view.epoch,
+            "members": [[m.node_id, m.incarnation] for m in self.view.members],
+            "acked": self.highest_acked,
+        }
+
+    # ----- inputs --------------------------------------------------------------------
+
+    def peer_alive(self, node_id: int, incarnation: int) -> list[Action]:
+        self.alive[node_id] = incarnation
+        return []
+
+    def peer_gone(self, node_id: int, incarnation: int, why: str) -> list[Action]:
+        """The failure detector gave up on (node_id, incarnation)."""
+        if self.alive.get(node_id) == incarnation:
+            del self.alive[node_id]
+            self.peer_epoch.pop(node_id, None)
+        member = self.view.member(node_id)
+        if self.is_member and member is not None and member.incarnation == incarnation:
+            return self._announce_change(f"node {node_id} {why}")
+        return []
+
+    def heard_gossip(self, sender: int, incarnation: int, gossip: dict[str, Any]) -> list[Action]:
+        if self.expelled or self.alive.get(sender) != incarnation:
+            return []
+        try:
+            epoch = int(gossip["epoch"])
+            members = tuple(sorted((int(a), int(b)) for a, b in gossip["members"]))
+            acked = int(gossip.get("acked", 0))
+        except (KeyError, TypeError, ValueError):
+            return []
+        self.peer_epoch[sender] = epoch
+        self.highest_seen = max(self.highest_seen, epoch, acked)
+        me = (self.my_id, self.incarnation)
+        if (
+            self.pending is not None
+            and self.pending.epoch == epoch
+            and self.pending.members == members
+        ):
+            log.info("node %d: view %d completed from node %d's gossip", self.my_id, epoch, sender)
+            return self._commit(self.pending)
+        if epoch > self.view.epoch and self.view.epoch > 0 and self.is_member and me not in members:
+            return self._expel(f"node {sender} reports view {epoch} without this node")
+        return []
+
+    def receive(
+        self, sender: int, incarnation: int, kind: str, body: dict[str, Any], now: float
+    ) -> list[Action]:
+        """A membership message arrived from (sender, incarnation)."""
+        if self.expelled:
+            return []
+        try:
+            if kind == "propose":
+                return self._on_propose(sender, Proposal.from_wire(body))
+            if kind == "ack":
+                return self._on_ack(sender, incarnation, int(body["epoch"]), now)
+            if kind == "nack":
+                self.highest_seen = max(self.highest_seen, int(body["acked"]), int(body["epoch"]))
+                if self._in_flight and self._in_flight.proposal.epoch == int(body["for"]):
+                    log.info(
+                        "node %d: proposal %d refused by node %d (its view %s, acked %s)",
+                        self.my_id,
+                        body["for"],
+                        sender,
+                        body["epoch"],
+                        body["acked"],
+                    )
+                    self._in_flight = None
+                return []
+            if kind == "commit":
+                p = Proposal.from_wire(body)
+                if self.pending is not None and self.pending == p:
+                    return self._commit(p)
+                return []
+            if kind == "reject":
+                # Only for us if it names our incarnation: a reject meant for the previous
+                # process on this address must not stop its successor.
+                if int(body.get("incarnation", -1)) != self.incarnation:
+                    return []
+                return self._expel(f"node {sender} refused this incarnation: {body.get('why')}")
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("node %d: malformed %s from node %d: %s", self.my_id, kind, sender, exc)
+        return []
+
+    def tick(self, now: float) -> list[Action]:
+        """Coordinator duties: propose a new view when the heard membership differs."""
+        if self.expelled or self.coordinator() != self.my_id:
+            self._in_flight = None
+            return self._reject_stale_incarnations()
+        actions = self._reject_stale_incarnations()
+        desired = self._desired_members()
+        current = tuple(sorted((m.node_id, m.incarnation) for m in self.view.members))
+        flight = self._in_flight
+        if flight is not None:
+            if flight.proposal.members != desired or now - flight.started > (
+                self.config.timeouts.proposal_timeout
+            ):
+                log.info("node %d: abandoning proposal %d", self.my_id, flight.proposal.epoch)
+                self._in_flight = flight = None
+            else:
+                if now - flight.last_sent >= self.config.timeouts.heartbeat_interval:
+                    flight.last_sent = now
+                    actions += self._send_proposal(flight.proposal, skip=flight.acks)
+                return actions
+        if desired == current or not desired:
+            return actions
+        status = self.quorum.evaluate([n for n, _ in desired], self.witnesses_reachable)
+        if not status.quorate:
+            return actions
+        epoch = max(self.view.epoch, self.highest_acked, self.highest_seen) + 1
+        removed = [
+            (m.node_id, m.incarnation)
+            for m in self.view.members
+            if (m.node_id, m.incarnation) not in desired
+        ]
+        history = (self.removed_history + removed)[-MAX_REMOVED_HISTORY:]
+        proposal = Proposal(epoch, self.view.epoch, self.my_id, desired, tuple(history))
+        log.info(
+            "node %d: proposing view %d members %s (was view %d %s)",
+            self.my_id,
+            epoch,
+            [n for n, _ in desired],
+            self.view.epoch,
+            list(self.view.member_ids),
+        )
+        self.highest_acked = epoch
+        self.pending = proposal
+        self._in_flight = _InFlight(proposal, {self.my_id}, now, now)
+        actions += self._announce_change(f"proposing view {epoch}")
+        actions += self._send_proposal(proposal, skip={self.my_id})
+        return actions + self._maybe_commit()
+
+    # ----- internals -----------------------------------------------------------------
+
+    def _desired_members(self) -> tuple[tuple[int, int], ...]:
+        removed = set(self.removed_history)
+        if self.is_member:
+            keep = {(m.node_id, m.incarnation) for m in self.live_members()}
+        else:
+            keep = {(self.my_id, self.incarnation)}
+        in_view = {m.node_id for m in self.view.members}
+        configured = set(self.config.node_ids)
+        if not self.fences_outstanding:
+            for node_id, inc in self.alive.items():
+                fresh = self.peer_epoch.get(node_id, 0) == 0 or self.view.epoch == 0
+                if (
+                    node_id in configured
+                    and node_id not in in_view
+                    and (node_id, inc) not in removed
+                    and fresh
+                ):
+                    keep.add((node_id, inc))
+        return tuple(sorted(keep))
+
+    def _reject_stale_incarnations(self) -> list[Action]:
+        if not self.is_member:
+            return []
+        removed = set(self.removed_history)
+        return [
+            Send(
+                n,
+                "reject",
+                {"incarnation": inc, "why": f"incarnation {inc:#x} of node {n} was removed"},
+            )
+            for n, inc in self.alive.items()
+            if (n, inc) in removed
+        ]
+
+    def _send_proposal(self, proposal: Proposal, skip: set[int]) -> list[Action]:
+        wire = proposal.to_wire()
+        return [Send(n, "propose", wire) for n, _ in proposal.members if n not in skip]
+
+    def _on_propose(self, sender: int, p: Proposal) -> list[Action]:
+        me = (self.my_id, self.incarnation)
+        if me not in p.members:
+            return []
+        if self.pending == p:  # a retransmission: our ack was lost
+            return [Send(sender, "ack", {"epoch": p.epoch})]
+        # A member only builds on the view it has; a joiner has no view to build on.
+        if p.epoch <= self.highest_acked or (self.is_member and p.prev_epoch != self.view.epoch):
+            return [
+                Send(
+                    sender,
+                    "nack",
+                    {"for": p.epoch, "epoch": self.view.epoch, "acked": self.highest_acked},
+                )
+            ]
+        self.highest_acked = p.epoch
+        self.pending = p
+        log.info("node %d: accepted proposal of view %d from node %d", self.my_id, p.epoch, sender)
+        actions = self._announce_change(f"view {p.epoch} proposed by node {sender}")
+        return actions + [Send(sender, "ack", {"epoch": p.epoch})]
+
+    def _on_ack(self, sender: int, incarnation: int, epoch: int, now: float) -> list[Action]:
+        flight = self._in_flight
+        if flight is None or flight.proposal.epoch != epoch:
+            return []
+        if (sender, incarnation) in flight.proposal.members:
+            flight.acks.add(sender)
+        return self._maybe_commit()
+
+    def _maybe_commit(self) -> list[Action]:
+        flight = self._in_flight
+        if flight is None or flight.acks != {n for n, _ in flight.proposal.members}:
+            return []
+        p = flight.proposal
+        self._in_flight = None
+        wire = p.to_wire()
+        sends: list[Action] = [Send(n, "commit", wire) for n, _ in p.members if n != self.my_id]
+        return sends + self._commit(p)
+
+    def _commit(self, p: Proposal) -> list[Action]:
+        old = {m.node_id: m.incarnation for m in self.view.members}
+        new = dict(p.members)
+        removed = {n: inc for n, inc in old.items() if new.get(n) != inc}
+        joined = {n: inc for n, inc in new.items() if old.get(n) != inc}
+        members = tuple(
+            Member(n, inc, self.config.node(n).address) for n, inc in sorted(new.items())
+        )
+        status = self.quorum.evaluate(new, self.witnesses_reachable)
+        view = View(
+            epoch=p.epoch, members=members, quorate=status.quorate, removed=frozenset(removed)
+        )
+        history = set(self.removed_history)
+        merged = list(self.removed_history) + [r for r in p.removed_history if r not in history]
+        merged += [r for r in removed.items() if r not in set(merged)]
+        self.removed_history = merged[-MAX_REMOVED_HISTORY:]
+        self.view = view
+        self.pending = None
+        self.highest_acked = max(self.highest_acked, p.epoch)
+        self._change_announced = False
+        log.info(
+            "node %d: committed view %d members %s removed %s joined %s",
+            self.my_id,
+            p.epoch,
+            list(view.member_ids),
+            sorted(removed),
+            sorted(joined),
+        )
+        return [ViewCommitted(view, removed, joined)]
+
+    def _announce_change(self, reason: str) -> list[Action]:
+        if self._change_announced or not self.is_member:
+            return []
+        self._change_announced = True
+        return [ChangeBegan(reason)]
+
+    def _expel(self, reason: str) -> list[Action]:
+        if self.expelled:
+            return []
+        self.expelled = reason
+        self.pending = None
+        self._in_flight = None
+        log.error("node %d: expelled from the cluster: %s", self.my_id, reason)
+        return [Expelled(reason)]

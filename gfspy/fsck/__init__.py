@@ -1,0 +1,1 @@
+"""gfspy-fsck: a read-only checker of every GFS2 on-disk invariant."""

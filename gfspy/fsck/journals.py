@@ -1,0 +1,79 @@
+"""Each journal's log: damaged headers, duplicate or disordered sequences, and whether
+it is clean.
+
+A dirty journal counts as a problem here (exit 4), unlike fsck.gfs2 -n which notes it
+and carries on: the metadata this check just read may be stale until the journal is
+replayed, so "clean" would be a promise the check cannot keep.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from gfspy.fsck.context import Fsck, Inode
+from gfspy.journal.scan import JournalScan, scan_journal
+
+log = logging.getLogger(__name__)
+
+#: Damaged headers listed per journal before the rest are only counted.
+BAD_HEADERS_SHOWN = 5
+
+
+def _device_block(runs: list[tuple[int, int]], position: int) -> int:
+    """Device block of journal block `position`, through the journal's extents."""
+    for start, count in runs:
+        if position < count:
+            return start + position
+        position -= count
+    return -1
+
+
+async def check_journals(fsck: Fsck, journals: list[tuple[int, Inode]]) -> None:
+    for j, ino in journals:
+        name = f"journal{j}"
+        scan = await scan_journal(fsck.reader.device, ino.data_runs, fsck.geo.bsize)
+        _judge(fsck, name, ino, scan)
+
+
+def _judge(fsck: Fsck, name: str, ino: Inode, scan: JournalScan) -> None:
+    report = fsck.report
+    runs = ino.data_runs
+    where = f"{name} (inode {ino.addr})"
+    for bad in scan.bad_headers[:BAD_HEADERS_SHOWN]:
+        report.problem(
+            "journal",
+            f"{name} block {_device_block(runs, bad.position)}",
+            f"log header at journal block {bad.position}: {bad.reason}",
+        )
+    if len(scan.bad_headers) > BAD_HEADERS_SHOWN:
+        report.problem(
+            "journal",
+            where,
+            f"{len(scan.bad_headers) - BAD_HEADERS_SHOWN} more damaged log headers",
+        )
+    for seq, positions in sorted(scan.duplicate_sequences.items())[:BAD_HEADERS_SHOWN]:
+        report.problem(
+            "journal",
+            where,
+            f"sequence {seq} appears in {len(positions)} log headers (journal blocks "
+            f"{', '.join(map(str, positions[:4]))})",
+        )
+    if scan.out_of_order:
+        report.problem(
+            "journal",
+            where,
+            f"log header sequences go backwards at {scan.descents} places (a ring has one)",
+        )
+    head = scan.head
+    if head is None:
+        report.problem("journal", where, "no valid log header; the head cannot be found")
+        return
+    dev = _device_block(runs, head.position)
+    if not head.clean:
+        report.problem(
+            "dirty journal",
+            name,
+            f"dirty (head at block {dev}, seq {head.sequence}); replay needed",
+        )
+    else:
+        report.note(f"{name}: clean (head at block {dev}, seq {head.sequence})")

@@ -1,0 +1,328 @@
+"""The metadata tree of a new filesystem, built in memory in mkfs.gfs2's order.
+
+Given a Layout (geometry.py) this creates, exactly as mkfs.gfs2 does and in the same
+order (so every dinode lands on the same block): one journal per journal rgrp, the
+master directory, jindex, per_node with inum_rangeN / statfs_changeN / quota_changeN,
+inum, statfs, rindex, quota and the root directory (reference §6). The result is a set
+of encoded blocks plus descriptions of what is too big to hold in memory (journal log
+blocks, rgrp bitmaps); writer.py streams it to the device. No I/O here.
+"""
+
+from __future__ import annotations
+
+import random
+import stat
+import struct
+import uuid as uuid_mod
+from dataclasses import dataclass, field
+
+from gfspy.ondisk.constants import (
+    DIF_JDATA,
+    DIF_SYSTEM,
+    DINODE_SIZE,
+    DT_DIR,
+    DT_REG,
+    FORMAT_DE,
+    FORMAT_QU,
+    FORMAT_RI,
+    META_HEADER_SIZE,
+    METATYPE_IN,
+    METATYPE_QC,
+    METATYPE_RB,
+    QUOTA_ENTRY_SIZE,
+    RG_HEADER_SIZE,
+    Geometry,
+)
+from gfspy.ondisk.meta import Inum, MetaHeader
+from gfspy.ondisk.superblock import Superblock
+
+from .alloc import Allocator, BlockTree, contiguous_tree
+from .dirs import Directory
+from .geometry import Layout, RgrpSpan
+from .records import DinodeFields, pack_dinode_into, pack_rgrp_header_into, pack_rindex_entry
+
+DIF_EXHASH = 0x2
+
+
+@dataclass(slots=True)
+class JournalPlan:
+    """Where journal j lives and how its log blocks are to be written."""
+
+    index: int
+    inum: Inum
+    log_start: int  # device block of journal block 0
+    log_blocks: int
+    start_seq: int
+
+
+@dataclass(slots=True)
+class _Inode:
+    """A system inode being built: its dinode fields and where its content lives."""
+
+    fields: DinodeFields
+    payload: bytes = b""  # bytes after the dinode header (stuffed data or pointers)
+    tree: BlockTree | None = None
+    directory: Directory | None = None
+    data_blocks: dict[int, bytes] = field(default_factory=dict)
+
+    @property
+    def inum(self) -> Inum:
+        return Inum(self.fields.formal, self.fields.addr)
+
+
+@dataclass(slots=True)
+class MkfsOptions:
+    lockproto: str = "lock_dlm"
+    locktable: str = ""
+    uuid: uuid_mod.UUID | None = None
+    qc_mb: int = 1
+    now: int = 0
+    seed: int | None = None  # journal sequence starts; None = random
+
+
+@dataclass(slots=True)
+class BuiltFilesystem:
+    """Everything writer.py needs; `blocks` are encoded metadata blocks by address."""
+
+    layout: Layout
+    superblock: Superblock
+    blocks: dict[int, bytes]
+    journals: list[JournalPlan]
+    allocator: Allocator
+    system_inodes: dict[str, Inum]  # "master", "jindex", "journal0", "per_node/quota_change0"...
+
+    def rgrp_blocks(self, index: int) -> bytes:
+        """Header block and bitmap blocks of rgrp `index`, ready for one write."""
+        usage = self.allocator.rgrps[index]
+        return encode_rgrp(self.layout.bsize, usage.span, usage.free, usage.dinodes, usage.bitmap())
+
+
+def encode_rgrp(bsize: int, span: RgrpSpan, free: int, dinodes: int, bitmap: bytes) -> bytes:
+    """RG block + RB blocks of an rgrp whose bitmap bytes are `bitmap`."""
+    buf = bytearray(span.length * bsize)
+    pack_rgrp_header_into(
+        buf, 0, free=free, dinodes=dinodes, skip=span.skip, data0=span.data0, data=span.data
+    )
+    rb_header = MetaHeader.for_type(METATYPE_RB).pack()
+    first = bsize - RG_HEADER_SIZE
+    buf[RG_HEADER_SIZE : RG_HEADER_SIZE + min(first, len(bitmap))] = bitmap[:first]
+    pos = first
+    for i in range(1, span.length):
+        off = i * bsize
+        buf[off : off + META_HEADER_SIZE] = rb_header
+        chunk = bitmap[pos : pos + bsize - META_HEADER_SIZE]
+        buf[off + META_HEADER_SIZE : off + META_HEADER_SIZE + len(chunk)] = chunk
+        pos += bsize - META_HEADER_SIZE
+    return bytes(buf)
+
+
+class _Builder:
+    def __init__(self, layout: Layout, opts: MkfsOptions) -> None:
+        self.layout = layout
+        self.opts = opts
+        self.geom = Geometry.for_bsize(layout.bsize)
+        self.alloc = Allocator(layout.rgrps)
+        self.next_formal = 1
+        self.inodes: list[_Inode] = []
+        self.named: dict[str, _Inode] = {}
+        self.rng = random.Random(opts.seed)
+
+    # ---- inode creation ---------------------------------------------------------------
+
+    def _take_formal(self) -> int:
+        formal = self.next_formal
+        self.next_formal += 1
+        return formal
+
+    def _new_inode(self, addr: int, mode: int, flags: int, label: str) -> _Inode:
+        fields = DinodeFields(
+            formal=self._take_formal(),
+            addr=addr,
+            mode=mode,
+            time=self.opts.now,
+            goal_meta=addr,
+            goal_data=addr,
+            flags=flags,
+        )
+        inode = _Inode(fields)
+        self.inodes.append(inode)
+        self.named[label] = inode
+        return inode
+
+    def _make_dir(self, inode: _Inode, parent: Inum) -> None:
+        inode.fields.flags |= DIF_JDATA
+        inode.fields.nlink = 2
+        inode.directory = Directory(self.geom, inode.fields.addr, inode.fields.formal, (parent.formal, parent.addr))
+
+    def _create(self, parent: _Inode, name: str, mode: int, flags: int, label: str) -> _Inode:
+        """Allocate a dinode and link it into `parent`, as libgfs2's createi does."""
+        inode = self._new_inode(self.alloc.allocate_dinode(), mode, flags, label)
+        is_dir = stat.S_ISDIR(mode)
+        if is_dir:
+            self._make_dir(inode, parent.inum)
+            parent.fields.nlink += 1
+        assert parent.directory is not None
+        parent.directory.add(
+            name.encode(), inode.fields.formal, inode.fields.addr, DT_DIR if is_dir else DT_REG, self.alloc
+        )
+        return inode
+
+    def _write_data(self, inode: _Inode, data: bytes) -> None:
+        """Give a new regular file its contents, stuffed or through a block tree."""
+        inode.fields.size = len(data)
+        if len(data) <= self.geom.bsize - DINODE_SIZE:
+            inode.payload = data
+            return
+        tree = BlockTree(self.geom)
+        bsize = self.geom.bsize
+        for lblock in range((len(data) + bsize - 1) // bsize):
+            block = tree.map_new(lblock, self.alloc)
+            chunk = data[lblock * bsize : (lblock + 1) * bsize]
+            inode.data_blocks[block] = chunk + bytes(bsize - len(chunk))
+        inode.tree = tree
+
+    # ---- the build sequence -------------------------------------------------------------
+
+    def build(self) -> BuiltFilesystem:
+        layout, geom = self.layout, self.geom
+        journals = self._place_journals()
+
+        master = self._new_inode(self.alloc.allocate_dinode(), stat.S_IFDIR | 0o755, DIF_SYSTEM, "master")
+        self._make_dir(master, master.inum)
+
+        jindex = self._create(master, "jindex", stat.S_IFDIR | 0o700, DIF_SYSTEM, "jindex")
+        assert jindex.directory is not None
+        for plan in journals:
+            jindex.directory.add(
+                f"journal{plan.index}".encode(), plan.inum.formal, plan.inum.addr, DT_REG, self.alloc
+            )
+
+        per_node = self._create(master, "per_node", stat.S_IFDIR | 0o700, DIF_SYSTEM, "per_node")
+        qc_blocks = (self.opts.qc_mb << 20) // geom.bsize
+        for j in range(layout.journals):
+            reg = stat.S_IFREG | 0o600
+            ir = self._create(per_node, f"inum_range{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/inum_range{j}")
+            ir.fields.size = 16
+            ir.payload = bytes(16)
+            sc = self._create(
+                per_node, f"statfs_change{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/statfs_change{j}"
+            )
+            sc.fields.size = 24
+            sc.payload = bytes(24)
+            qc = self._create(per_node, f"quota_change{j}", reg, DIF_SYSTEM, f"per_node/quota_change{j}")
+            self._fill_quota_change(qc, qc_blocks)
+
+        reg = stat.S_IFREG | 0o600
+        inum_file = self._create(master, "inum", reg, DIF_SYSTEM | DIF_JDATA, "inum")
+        statfs_file = self._create(master, "statfs", reg, DIF_SYSTEM | DIF_JDATA, "statfs")
+        rindex = self._create(master, "rindex", reg, DIF_SYSTEM | DIF_JDATA, "rindex")
+        rindex.fields.payload_format = FORMAT_RI
+        self._write_data(
+            rindex, b"".join(pack_rindex_entry(rg.addr, rg.length, rg.data0, rg.data) for rg in layout.rgrps)
+        )
+        quota = self._create(master, "quota", reg, DIF_SYSTEM | DIF_JDATA, "quota")
+        quota.fields.payload_format = FORMAT_QU
+        entry = struct.pack(">QQq", 0, 0, 1) + bytes(QUOTA_ENTRY_SIZE - 24)
+        self._write_data(quota, entry * 2)  # uid 0 and gid 0
+
+        root = self._new_inode(self.alloc.allocate_dinode(), stat.S_IFDIR | 0o755, 0, "root")
+        self._make_dir(root, root.inum)
+
+        self._write_data(inum_file, struct.pack(">Q", self.next_formal))
+        total = layout.data_blocks
+        self._write_data(
+            statfs_file,
+            struct.pack(">qqq", total, total - self.alloc.blocks_allocated, self.alloc.dinodes_allocated),
+        )
+
+        sb = Superblock(
+            bsize=geom.bsize,
+            bsize_shift=geom.bsize_shift,
+            master_dir=master.inum,
+            root_dir=root.inum,
+            lockproto=self.opts.lockproto,
+            locktable=self.opts.locktable,
+            uuid=self.opts.uuid or uuid_mod.uuid4(),
+        )
+        blocks: dict[int, bytes] = {}
+        for inode in self.inodes:
+            self._encode(inode, blocks)
+        return BuiltFilesystem(
+            layout=layout,
+            superblock=sb,
+            blocks=blocks,
+            journals=journals,
+            allocator=self.alloc,
+            system_inodes={label: inode.inum for label, inode in self.named.items()},
+        )
+
+    def _place_journals(self) -> list[JournalPlan]:
+        plans = []
+        nbytes = self.layout.journal_mb << 20
+        log_blocks = nbytes // self.geom.bsize
+        for j in range(self.layout.journals):
+            addr = self.alloc.allocate_extent(j, self.layout.journal_file_blocks)
+            inode = self._new_inode(addr, stat.S_IFREG | 0o600, DIF_SYSTEM, f"journal{j}")
+            height, indirect, root = contiguous_tree(self.geom, addr, log_blocks)
+            tree = BlockTree(self.geom, height=height, root=root, indirect=indirect)
+            inode.tree = tree
+            f = inode.fields
+            f.size = nbytes
+            f.blocks = self.layout.journal_file_blocks
+            f.goal_data = addr + f.blocks - 1
+            f.goal_meta = f.goal_data - log_blocks
+            log_start = addr + 1 + len(indirect)
+            start_seq = self.rng.randrange(log_blocks)
+            plans.append(JournalPlan(j, inode.inum, log_start, log_blocks, start_seq))
+        return plans
+
+    def _fill_quota_change(self, qc: _Inode, blocks: int) -> None:
+        bsize = self.geom.bsize
+        tree = BlockTree(self.geom)
+        tree.set_height(self.geom.height_for_size((blocks + 1) * bsize))
+        header = MetaHeader.for_type(METATYPE_QC).pack() + bytes(bsize - META_HEADER_SIZE)
+        for lblock in range(blocks):
+            qc.data_blocks[tree.map_new(lblock, self.alloc)] = header
+        qc.tree = tree
+        qc.fields.size = blocks * bsize
+
+    # ---- encoding -----------------------------------------------------------------------
+
+    def _encode(self, inode: _Inode, out: dict[int, bytes]) -> None:
+        f = inode.fields
+        bsize = self.geom.bsize
+        payload = inode.payload
+        if inode.directory is not None:
+            d = inode.directory
+            f.size = d.size
+            f.entries = d.entries
+            f.blocks = 1 + len(d.leaves)
+            f.goal_meta = d.last_allocated
+            if d.hashed:
+                f.flags |= DIF_EXHASH
+                f.depth = d.depth
+                f.payload_format = 0
+            else:
+                f.payload_format = FORMAT_DE
+            payload = d.payload()
+            out.update(d.leaf_blocks())
+        elif inode.tree is not None:
+            tree = inode.tree
+            f.height = tree.height
+            payload = b"".join(p.to_bytes(8, "big") for p in tree.root)
+            in_header = MetaHeader.for_type(METATYPE_IN).pack()
+            for block, pointers in tree.indirect.items():
+                out[block] = in_header + b"".join(p.to_bytes(8, "big") for p in pointers)
+            if inode.data_blocks:  # journals count their blocks up front
+                f.blocks = 1 + tree.block_count + len(inode.data_blocks)
+                f.goal_meta = tree.last_allocated
+            out.update(inode.data_blocks)
+        buf = bytearray(bsize)
+        pack_dinode_into(buf, 0, f)
+        buf[DINODE_SIZE : DINODE_SIZE + len(payload)] = payload
+        out[f.addr] = bytes(buf)
+
+
+def build_filesystem(layout: Layout, opts: MkfsOptions) -> BuiltFilesystem:
+    """Lay out and encode every system inode of a new filesystem (no I/O)."""
+    return _Builder(layout, opts).build()

@@ -1,0 +1,242 @@
+"""System directories as mkfs.gfs2 grows them: stuffed first, hashed when full.
+
+With small blocks (or many journals) master, jindex and per_node outgrow the dinode
+and become exhash directories. To land every later dinode where mkfs.gfs2 puts it, the
+directory must overflow, convert and split leaves at the same moments, so this module
+follows libgfs2's placement rules (first-fit dirent slots, a deleted first dirent left
+as an unused sentinel, the new leaf taking the lower half of a split range). What it
+writes is ordinary GFS2 (reference §4): fsck.gfs2 checks it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from gfspy.ondisk.checksums import name_hash
+from gfspy.ondisk.constants import (
+    DINODE_SIZE,
+    DIR_MAX_DEPTH,
+    LEAF_HEADER_SIZE,
+    Geometry,
+)
+
+from .alloc import Allocator
+from .records import dirent_size, pack_dirent_into, pack_leaf_header_into
+
+
+class DirectoryTooLarge(Exception):
+    """A system directory would need a hash table outside its dinode (not supported)."""
+
+
+@dataclass(slots=True)
+class Dirent:
+    """One directory entry slot; formal == 0 marks an unused slot (a sentinel)."""
+
+    name: bytes
+    formal: int
+    addr: int
+    de_type: int
+    rec_len: int
+    hash: int = 0
+
+    @property
+    def used(self) -> bool:
+        return self.formal != 0
+
+    @property
+    def size(self) -> int:
+        return dirent_size(len(self.name))
+
+
+@dataclass(slots=True)
+class Leaf:
+    depth: int
+    entries: int = 0
+    dirents: list[Dirent] = field(default_factory=list)
+
+
+def _find_slot(dirents: list[Dirent], entries: int, region: int, name_len: int) -> int | None:
+    """Index of the slot a new `name_len` entry goes into (splitting slack), or None.
+
+    An empty container is reset to one slot covering the whole region.
+    """
+    need = dirent_size(name_len)
+    if entries == 0:
+        dirents[:] = [Dirent(b"", 0, 0, 0, region)]
+        return 0
+    for i, dent in enumerate(dirents):
+        fits_unused = not dent.used and dent.rec_len >= need
+        if fits_unused or dent.rec_len >= dent.size + need:
+            if dent.used:
+                tail = Dirent(b"", 0, 0, 0, dent.rec_len - dent.size)
+                dent.rec_len = dent.size
+                dirents.insert(i + 1, tail)
+                return i + 1
+            return i
+    return None
+
+
+class Directory:
+    """Entries of one system directory and, once hashed, its table and leaves."""
+
+    def __init__(self, geom: Geometry, addr: int, self_formal: int, parent: tuple[int, int]):
+        self.geom = geom
+        self.addr = addr
+        region = geom.bsize - DINODE_SIZE
+        dot = Dirent(b".", self_formal, addr, 4, dirent_size(1), name_hash(b"."))
+        dotdot = Dirent(b"..", parent[0], parent[1], 4, region - dot.rec_len, name_hash(b".."))
+        self.linear: list[Dirent] | None = [dot, dotdot]
+        self.entries = 2
+        self.depth = 0
+        self.table: list[int] = []
+        self.leaves: dict[int, Leaf] = {}
+        self.last_allocated = addr
+
+    @property
+    def hashed(self) -> bool:
+        return self.linear is None
+
+    def add(self, name: bytes, formal: int, addr: int, de_type: int, alloc: Allocator) -> None:
+        """Add an entry, converting to a hashed directory or splitting leaves as needed."""
+        if self.linear is not None:
+            region = self.geom.bsize - DINODE_SIZE
+            slot = _find_slot(self.linear, self.entries, region, len(name))
+            if slot is not None:
+                self._fill(self.linear[slot], name, formal, addr, de_type)
+                self.entries += 1
+                return
+            self._make_hashed(alloc)
+        self._hashed_add(name, formal, addr, de_type, alloc)
+
+    @staticmethod
+    def _fill(dent: Dirent, name: bytes, formal: int, addr: int, de_type: int) -> None:
+        dent.name, dent.formal, dent.addr, dent.de_type = name, formal, addr, de_type
+        dent.hash = name_hash(name)
+
+    def _allocate_leaf(self, alloc: Allocator) -> int:
+        block = alloc.allocate()
+        self.last_allocated = block
+        return block
+
+    def _make_hashed(self, alloc: Allocator) -> None:
+        assert self.linear is not None
+        block = self._allocate_leaf(alloc)
+        dirents = self.linear
+        # The leaf's dirent area starts 128 bytes earlier than the dinode's; the last
+        # entry absorbs the difference so the chain still ends at the block end.
+        dirents[-1].rec_len += DINODE_SIZE - LEAF_HEADER_SIZE
+        self.leaves[block] = Leaf(depth=0, entries=self.entries, dirents=dirents)
+        self.linear = None
+        self.table = [block] * self.geom.hash_ptrs
+        self.depth = self.geom.hash_ptrs.bit_length() - 1
+
+    def _hashed_add(self, name: bytes, formal: int, addr: int, de_type: int, alloc: Allocator) -> None:
+        region = self.geom.bsize - LEAF_HEADER_SIZE
+        h = name_hash(name)
+        while True:
+            index = h >> (32 - self.depth)
+            leaf_addr = self.table[index]
+            leaf = self.leaves[leaf_addr]
+            slot = _find_slot(leaf.dirents, leaf.entries, region, len(name))
+            if slot is not None:
+                self._fill(leaf.dirents[slot], name, formal, addr, de_type)
+                leaf.entries += 1
+                self.entries += 1
+                return
+            if leaf.depth < self.depth:
+                span = 1 << (self.depth - leaf.depth)
+                self._split(index & ~(span - 1), leaf_addr, alloc)
+                continue
+            if self.depth < DIR_MAX_DEPTH:
+                raise DirectoryTooLarge(
+                    f"directory at block {self.addr} would need a hash table of depth "
+                    f"{self.depth + 1}, which does not fit in its dinode"
+                )
+            raise DirectoryTooLarge(f"directory at block {self.addr} needs chained leaves")
+
+    def _split(self, start: int, old_addr: int, alloc: Allocator) -> None:
+        region = self.geom.bsize - LEAF_HEADER_SIZE
+        new_addr = self._allocate_leaf(alloc)
+        old = self.leaves[old_addr]
+        new = Leaf(depth=0)
+        span = 1 << (self.depth - old.depth)
+        half = span >> 1
+        for i in range(start, start + half):
+            self.table[i] = new_addr
+        divider = ((start + half) << (32 - self.depth)) & 0xFFFFFFFF
+        prev: Dirent | None = None
+        moved = False
+        for dent in list(old.dirents):
+            if dent.used and dent.hash < divider:
+                slot = _find_slot(new.dirents, new.entries, region, len(dent.name))
+                if slot is None:
+                    raise AssertionError("split leaf cannot hold the moved entries")
+                target = new.dirents[slot]
+                self._fill(target, dent.name, dent.formal, dent.addr, dent.de_type)
+                new.entries += 1
+                old.entries -= 1
+                if prev is None:
+                    dent.formal = dent.addr = 0  # the first slot stays, as a sentinel
+                    prev = dent
+                else:
+                    prev.rec_len += dent.rec_len
+                    old.dirents.remove(dent)
+                moved = True
+            else:
+                prev = dent
+        if not moved:
+            new.dirents = [Dirent(b"", 0, 0, 0, region)]
+        old.depth += 1
+        new.depth = old.depth
+        self.leaves[new_addr] = new
+
+    # ---- encoding -------------------------------------------------------------------
+
+    @property
+    def size(self) -> int:
+        """di_size: the stuffed dirent area, or the hash table in bytes."""
+        if self.linear is not None:
+            return self.geom.bsize - DINODE_SIZE
+        return 8 * len(self.table)
+
+    def payload(self) -> bytes:
+        """What follows the dinode header: dirents, or the big-endian hash table."""
+        if self.linear is not None:
+            return _pack_dirents(self.linear, self.geom.bsize - DINODE_SIZE)
+        return b"".join(block.to_bytes(8, "big") for block in self.table)
+
+    def leaf_blocks(self) -> dict[int, bytes]:
+        """Encoded leaf blocks by address."""
+        out = {}
+        for block, leaf in self.leaves.items():
+            buf = bytearray(self.geom.bsize)
+            pack_leaf_header_into(buf, 0, depth=leaf.depth, entries=leaf.entries, owner=self.addr)
+            region = self.geom.bsize - LEAF_HEADER_SIZE
+            buf[LEAF_HEADER_SIZE:] = _pack_dirents(leaf.dirents, region)
+            out[block] = bytes(buf)
+        return out
+
+
+def _pack_dirents(dirents: list[Dirent], region: int) -> bytes:
+    buf = bytearray(region)
+    offset = 0
+    for dent in dirents:
+        if dent.used:
+            pack_dirent_into(
+                buf,
+                offset,
+                formal=dent.formal,
+                addr=dent.addr,
+                name_hash=dent.hash,
+                rec_len=dent.rec_len,
+                name=dent.name,
+                de_type=dent.de_type,
+            )
+        else:
+            pack_dirent_into(
+                buf, offset, formal=0, addr=0, name_hash=0, rec_len=dent.rec_len, name=b"", de_type=0
+            )
+        offset += dent.rec_len
+    if offset != region:
+        raise AssertionError(f"dirents cover {offset} of {region} bytes")
+    return bytes(buf)

@@ -1,0 +1,141 @@
+"""Multipath rules besides failover: identity checks, bounded queueing, configuration."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+import trio
+
+from gfspy.blockdev.device import DeviceError, open_device
+from gfspy.blockdev.multipath import MultipathConfig, MultipathDevice, PathState
+
+from .servers import Blockd, make_image
+
+MiB = 1 << 20
+
+
+async def wait_for(predicate, timeout: float, what: str) -> None:
+    with trio.move_on_after(timeout):
+        while not predicate():
+            await trio.sleep(0.05)
+        return
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def servers(tmp_path):
+    image = make_image(tmp_path / "lun.img", 8 * MiB)
+    started: list[Blockd] = []
+
+    def start(name: str, wwid: str = "gfspy-test-wwid-0001", img=image) -> Blockd:
+        s = Blockd(img, tmp_path / name, wwid=wwid)
+        started.append(s)
+        return s.start()
+
+    yield image, start
+    for s in started:
+        s.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_paths_to_different_luns_are_not_one_device(servers, tmp_path):
+    _, start = servers
+    a = start("a")
+    other = start("b", wwid="another-lun", img=make_image(tmp_path / "other.img", 8 * MiB))
+    with pytest.raises(DeviceError) as e:
+        await open_device(f"{a.uri()},{other.uri()}")
+    assert e.value.errno == errno.EINVAL and "not the same device" in e.value.strerror
+
+
+@pytest.mark.timeout(60)
+async def test_path_whose_identity_changes_on_reconnect_is_refused(servers):
+    _, start = servers
+    a, b = start("a"), start("b")
+    dev = await MultipathDevice.open([a.uri(), b.uri()], MultipathConfig(polling_interval=0.3))
+    try:
+        await dev.write(0, b"x" * 4096)
+        a.stop()
+        await wait_for(lambda: not dev.paths[0].usable, 10, "path A failed")
+        a.wwid = "swapped-cable"  # same address, different LUN behind it
+        await trio.to_thread.run_sync(a.start)
+        await wait_for(lambda: "identity changed" in dev.paths[0].reason, 10, "refusal")
+        await trio.sleep(1.0)
+        assert dev.paths[0].state == PathState.FAILED and not dev.paths[0].usable
+        await dev.write(4096, b"y" * 4096)  # still served by B
+        assert await dev.read(0, 8192) == b"x" * 4096 + b"y" * 4096
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_no_path_retry_queues_then_fails_with_eio(servers):
+    _, start = servers
+    a, b = start("a"), start("b")
+    config = MultipathConfig(polling_interval=0.3, no_path_retry=10, io_timeout=5)
+    dev = await MultipathDevice.open([a.uri(), b.uri()], config)
+    try:
+        await dev.write(0, b"q" * 4096)
+        a.kill()
+        b.kill()
+        result: list[bytes] = []
+
+        async def queued_read() -> None:
+            result.append(await dev.read(0, 4096))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(queued_read)
+            await trio.sleep(0.5)
+            assert not result  # queued: no path
+            await trio.to_thread.run_sync(b.start)  # a path returns within the budget
+        assert result == [b"q" * 4096]
+
+        b.kill()
+        with pytest.raises(DeviceError) as e:  # the budget runs out: EIO, never a hang
+            await dev.read(0, 4096)
+        assert e.value.errno == errno.EIO and "no usable path" in e.value.strerror
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_no_path_retry_zero_fails_at_once(servers):
+    _, start = servers
+    a = start("a")
+    dev = await MultipathDevice.open([a.uri()], MultipathConfig(no_path_retry=0, io_timeout=5))
+    try:
+        a.kill()
+        with pytest.raises(DeviceError) as e:
+            await dev.read(0, 4096)
+        assert e.value.errno == errno.EIO
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_read_only_map_refuses_writes(servers):
+    _, start = servers
+    a = start("a")
+    dev = await open_device(f"{a.uri()},{a.uri()}", readonly=True)
+    try:
+        with pytest.raises(DeviceError) as e:
+            await dev.write(0, bytes(4096))
+        assert e.value.errno == errno.EROFS
+        assert await dev.read(0, 4096) == bytes(4096)
+    finally:
+        await dev.aclose()
+
+
+def test_config_validation():
+    cfg = MultipathConfig.from_mapping({"policy": "multibus", "rr_min_io": 2, "failback": 30})
+    assert cfg.policy == "multibus" and cfg.failback == 30
+    for bad in (
+        {"policy": "round-robin"},
+        {"rr_min_io": 0},
+        {"no_path_retry": -1},
+        {"failback": "followover"},
+        {"polling_interval": 0},
+        {"queue_if_no_path": True},
+    ):
+        with pytest.raises((ValueError, TypeError)):
+            MultipathConfig.from_mapping(bad)

@@ -1,0 +1,188 @@
+"""Node daemons as real processes on their own loopback addresses, fenced through real
+gfspy-blockd servers or a fence agent, killed with SIGKILL."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from .harness import (
+    BlockServer,
+    Cluster,
+    agent_calls,
+    events,
+    kinds,
+    wait_for,
+    write_agent,
+)
+
+
+@pytest.fixture
+def closing():
+    started: list = []
+    yield started.append
+    for thing in reversed(started):
+        thing.close()
+
+
+def assert_fenced_before_recovery(status: dict, epoch: int, victim: int) -> None:
+    seq = kinds(status, epoch)
+    assert "fence_confirmed" in seq, events(status, epoch)
+    assert seq.index("view_agreed") < seq.index("quorum_ok") < seq.index("fence_confirmed")
+    assert seq.index("fence_confirmed") < seq.index("ls_start") < seq.index("running")
+    confirmed = [d for k, _, d in events(status, epoch) if k == "fence_confirmed"]
+    assert confirmed[0].startswith(f"node {victim} ")
+    # The lockspace was stopped before the view was agreed and stayed so until the start.
+    all_events = [(e["kind"], e["epoch"]) for e in status["events"]]
+    agreed = all_events.index(("view_agreed", epoch))
+    last_transition = [k for k, _ in all_events[:agreed] if k in ("ls_stopped", "ls_started")]
+    assert last_transition[-1] == "ls_stopped"
+
+
+@pytest.mark.timeout(90)
+def test_sigkill_storage_fence_at_every_blockd_then_recovery(tmp_path, closing):
+    servers = [BlockServer(tmp_path / f"b{i}", name=f"b{i}") for i in (1, 2)]
+    for s in servers:
+        closing(s)
+    cluster = Cluster(tmp_path, 4, fence=[{"method": "storage"}], storage=servers)
+    closing(cluster)
+    cluster.start_all()
+    first = cluster.wait_view([1, 2, 3, 4], [1, 2, 3, 4])
+    victim_inc = cluster.incarnations[3]
+
+    cluster.kill(3)
+    epoch = cluster.wait_view([1, 2, 4], [1, 2, 4])
+    assert epoch > first
+    for i in (1, 2, 4):
+        status = cluster.status(i)
+        assert status["epoch"] == epoch
+        assert_fenced_before_recovery(status, epoch, victim=3)
+        ok = [r for r in status["fence_history"] if r["node_id"] == 3 and r["ok"]]
+        assert ok and ok[0]["incarnation"] == victim_inc and ok[0]["actor"] == 1
+    actor = cluster.status(1)
+    storage_fence = [r for r in actor["fence_history"] if r["method"] == "storage"]
+    assert storage_fence[0]["detail"] == "confirmed by b1, b2"
+    # Both block servers really banned exactly that incarnation.
+    for s in servers:
+        table = s.status()["fence_table"]
+        assert f"{victim_inc:x}" in table["node3"]["banned"]
+
+    # The old incarnation is refused: the process is told so and exits 3.
+    old = cluster.start(3, incarnation=victim_inc)
+    assert old.wait(30) == 3
+    assert "refused this incarnation" in cluster.log(3)
+    assert [m["id"] for m in cluster.status(1)["members"]] == [1, 2, 4]
+
+    # A restarted node (new incarnation) joins and is admitted at the block servers.
+    cluster.start(3)
+    cluster.wait_view([1, 2, 3, 4], [1, 2, 3, 4])
+    new_inc = cluster.incarnations[3]
+    assert new_inc != victim_inc
+    for s in servers:
+        wait_for(
+            lambda s=s: s.status()["fence_table"]["node3"]["admitted"] == f"{new_inc:x}",
+            15,
+            "ADMIT of the new incarnation",
+        )
+
+
+@pytest.mark.timeout(90)
+def test_failed_fences_are_retried_never_skipped(tmp_path, closing):
+    agent, log, fail = write_agent(tmp_path, failures=3)
+    cluster = Cluster(
+        tmp_path,
+        3,
+        fence=[{"method": "agent", "command": str(agent), "options": {"plug": "slot-7"}}],
+    )
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2, 3], [1, 2, 3])
+    cluster.kill(2)
+
+    # While the agent keeps failing, recovery is blocked on the fence on both survivors.
+    def blocked_with_failures():
+        s = cluster.status(3)
+        pending = [f for f in s["fences"] if not f["done"]]
+        return (
+            pending
+            and s["recovery"]["stopped"]
+            and "fencing of node 2" in s["recovery"]["waiting_for"]
+            and len(agent_calls(log)) >= 2
+        )
+
+    wait_for(blocked_with_failures, 20, "recovery to wait on the failing fence")
+    epoch = cluster.wait_view([1, 3], [1, 3], timeout=30)
+    history = cluster.status(1)["fence_history"]
+    results = [r["ok"] for r in history if r["node_id"] == 2]
+    assert results == [False, False, False, True]
+    assert "exited with status 1" in history[0]["detail"]
+    assert "simulated power switch failure" in history[0]["detail"]
+    for i in (1, 3):
+        assert_fenced_before_recovery(cluster.status(i), epoch, victim=2)
+    calls = agent_calls(log)
+    assert len(calls) == 4
+    assert calls[-1] == {"plug": "slot-7", "action": "off", "nodename": "node2"}
+
+
+@pytest.mark.timeout(90)
+def test_manual_fence_waits_for_fence_ack(tmp_path, closing):
+    cluster = Cluster(tmp_path, 3, fence=[{"method": "manual"}])
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2, 3], [1, 2, 3])
+    cluster.kill(3)
+    wait_for(
+        lambda: "fencing of node 3" in cluster.status(2)["recovery"]["waiting_for"],
+        20,
+        "recovery to wait for the manual fence",
+    )
+    assert "needs MANUAL fencing" in cluster.log(1)
+
+    admin = [sys.executable, "-m", "gfspy.admin.cli"]
+    declined = subprocess.run(
+        [*admin, "fence-ack", "3", "--socket", cluster.socket(2)],
+        input="no\n",
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert declined.returncode == 1 and "WILL be corrupted" in declined.stderr
+    assert cluster.status(1)["recovery"]["stopped"]
+
+    # Acknowledged on node 2; node 1 is the fence actor and learns it through gossip.
+    acked = subprocess.run(
+        [*admin, "fence-ack", "node3", "--yes", "--socket", cluster.socket(2)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert acked.returncode == 0, acked.stderr
+    epoch = cluster.wait_view([1, 2], [1, 2])
+    for i in (1, 2):
+        status = cluster.status(i)
+        assert_fenced_before_recovery(status, epoch, victim=3)
+        manual = [r for r in status["fence_history"] if r["method"] == "manual" and r["ok"]]
+        assert manual and manual[0]["node_id"] == 3
+
+    shown = subprocess.run(
+        [*admin, "status", "--socket", cluster.socket(1)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert shown.returncode == 0
+    assert "manual   OK" in shown.stdout and "quorum: yes" in shown.stdout
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_stops_cleanly(tmp_path, closing):
+    cluster = Cluster(tmp_path, 2, fence=[{"method": "manual"}])
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2], [1, 2])
+    cluster.kill(1, signal.SIGTERM)
+    assert cluster.procs[1].returncode == 0
+    assert "Traceback" not in cluster.log(1)

@@ -1,0 +1,238 @@
+"""Several lockspaces over real loopback TCP: mastering, lookups, storms, recovery."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import trio
+
+from gfspy.dlm.directory import directory_node
+from gfspy.dlm.modes import EUNLOCK, Flag, Mode, SBFlag, compatible
+
+from .cluster_helper import LoopbackCluster
+
+NL, CR, CW, PR, PW, EX = Mode.NL, Mode.CR, Mode.CW, Mode.PR, Mode.PW, Mode.EX
+
+
+async def new_cluster(nursery, n):
+    cluster = LoopbackCluster(nursery)
+    await cluster.add_nodes(*range(1, n + 1))
+    await cluster.change_view()
+    return cluster
+
+
+def name_with_directory(dir_node: int, members, prefix: str, skip=()) -> bytes:
+    for i in range(10_000):
+        name = f"{prefix}{i}".encode()
+        if directory_node(name, members) == dir_node and name not in skip:
+            return name
+    raise AssertionError("no name found")
+
+
+@pytest.mark.timeout(30)
+async def test_first_requester_masters_and_directory_records_it():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 3)
+        members = c.view.member_ids
+        name = name_with_directory(1, members, "inode-")  # directory on node 1
+        h2 = await c.spaces[2].lock(name, PR)
+        assert c.masters_of(name) == [2]
+        assert c.spaces[1].directory.entries[name] == 2
+        assert c.spaces[2].rsbs[name].master == 2
+        # node 3 looks the master up on node 1 and sends its request to node 2
+        h3 = await c.spaces[3].lock(name, PR)
+        assert c.spaces[3].rsbs[name].master == 2
+        assert {lk.key for lk in c.spaces[2].masters[name].granted} == {(2, h2.lkid), (3, h3.lkid)}
+        # a conflicting request from node 1 waits, and the holders get blocking callbacks
+        basts = []
+        await c.spaces[3].unlock(h3)
+        await c.spaces[2].convert(h2, PR)  # no-op conversion, still granted
+        h2.bast = lambda h, mode: basts.append(mode)
+        h1 = c.spaces[1].request(name, EX)
+        await trio.sleep(0.05)
+        assert h1.status is None
+        # the bast was sent when the EX queued, before we set the handler; re-request
+        await c.spaces[2].unlock(h2)
+        assert await h1.wait() == 0 and h1.mode == EX
+        assert await c.spaces[1].unlock(h1) == EUNLOCK
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_remote_bast_lvb_and_noqueue():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 2)
+        basted = trio.Event()
+        holder = await c.spaces[1].lock(b"rgrp-7", EX, Flag.VALBLK, lvb=bytes(32), bast=lambda h, m: basted.set())
+        with pytest.raises(OSError):
+            await c.spaces[2].lock(b"rgrp-7", PR, Flag.NOQUEUE)
+        waiter = c.spaces[2].request(b"rgrp-7", PR, Flag.VALBLK, lvb=bytes(32))
+        await basted.wait()
+        await c.spaces[1].convert(holder, NL, Flag.VALBLK, lvb=b"free=1234".ljust(32, b"\0"))
+        assert await waiter.wait() == 0
+        assert waiter.lvb.rstrip(b"\0") == b"free=1234" and waiter.lvbseq == 1
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_lock_storm_never_grants_incompatible_modes():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 3)
+        names = [f"storm-{i}".encode() for i in range(4)]
+        held: dict[bytes, dict[tuple, int]] = {n: {} for n in names}
+        violations: list = []
+        grants = [0]
+
+        def observe(node, handle):
+            if handle.status != 0:
+                return
+            for other, mode in held[handle.name].items():
+                if other != (node, handle.lkid) and not compatible(mode, handle.mode):
+                    violations.append((handle.name, other, mode, node, handle.mode))
+            held[handle.name][(node, handle.lkid)] = handle.mode
+            grants[0] += 1
+
+        async def worker(node, seed):
+            rng = random.Random(seed)
+            ls = c.spaces[node]
+            for _ in range(60):
+                name = rng.choice(names)
+                mode = rng.choice([NL, CR, CW, PR, PW, EX])
+                h = ls.request(name, mode, ast=lambda h, node=node: observe(node, h))
+                await h.wait()
+                await trio.sleep(rng.random() * 0.002)
+                if rng.random() < 0.5:
+                    new = rng.choice([NL, CR, PR, EX])
+                    held[name].pop((node, h.lkid), None)  # stop claiming the old mode early
+                    h.ast = lambda h, node=node: observe(node, h)
+                    ls.request_convert(h, new, Flag.QUECVT if new > h.mode else 0)
+                    status = await h.wait()
+                    if status != 0:  # EDEADLK: the lock still holds its old mode
+                        held[name][(node, h.lkid)] = h.mode
+                    await trio.sleep(rng.random() * 0.002)
+                held[name].pop((node, h.lkid), None)
+                await ls.unlock(h)
+
+        async with trio.open_nursery() as workers:
+            for node in (1, 2, 3):
+                for k in range(3):
+                    workers.start_soon(worker, node, node * 10 + k)
+        assert violations == []
+        assert grants[0] >= 9 * 60
+        for ls in c.spaces.values():
+            for res in ls.masters.values():
+                assert not res.locks
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(60)
+async def test_recovery_purges_invalidates_grants_and_remasters():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 3)
+        s1, s2, s3 = c.spaces[1], c.spaces[2], c.spaces[3]
+        # r-dead-master: mastered by node 3 (first requester), node 1 holds PR there
+        await s3.lock(b"on-3", NL)
+        h1_on3 = await s1.lock(b"on-3", PR, Flag.VALBLK, lvb=bytes(32))
+        # r-ex: node 3 holds EX with VALBLK on a resource mastered by node 1; node 2 waits
+        await s1.lock(b"on-1", NL)
+        await s3.lock(b"on-1", EX, Flag.VALBLK, lvb=b"x".ljust(32, b"\0"))
+        waiter = s2.request(b"on-1", PR, Flag.VALBLK, lvb=bytes(32))
+        # a node-2 request queued on node 3's resource behind node 3's EX
+        await s3.lock(b"on-3b", EX)
+        queued = s2.request(b"on-3b", EX)
+        await trio.sleep(0.05)
+        assert waiter.status is None and queued.status is None
+        await c.kill(3)
+        await c.change_view(removed=frozenset({3}))
+        assert await waiter.wait() == 0
+        assert waiter.sbflags & SBFlag.VALNOTVALID  # the dead EX holder may have changed it
+        assert await queued.wait() == 0 and queued.mode == EX  # re-requested on a new master
+        assert all((3, lkid) not in s1.masters[b"on-1"].locks for lkid in range(10))
+        # the resource node 3 mastered now has exactly one live master holding node 1's PR
+        masters = c.masters_of(b"on-3")
+        assert len(masters) == 1
+        res = c.spaces[masters[0]].masters[b"on-3"]
+        assert [lk.key for lk in res.granted] == [(1, h1_on3.lkid)]
+        # and it works: an EX from node 2 waits for node 1's PR
+        ex = s2.request(b"on-3", EX)
+        await trio.sleep(0.05)
+        assert ex.status is None
+        await s1.unlock(h1_on3)
+        assert await ex.wait() == 0
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+async def _locks_everywhere(c, names):
+    handles = {}
+    for i, name in enumerate(names):
+        for node in c.spaces:
+            handles[(node, name)] = await c.spaces[node].lock(name, CR if i % 2 else PR)
+    return handles
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("victim_role", ["busiest-master", "directory"])
+async def test_killing_busiest_master_or_directory_node_recovers(victim_role):
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 4)
+        members = c.view.member_ids
+        # node 1 masters most resources: it locks first
+        busy = [f"busy-{i}".encode() for i in range(12)]
+        for name in busy:
+            await c.spaces[1].lock(name, NL)
+        # resources mastered on node 2 whose directory entry lives on node 4
+        on_dir4 = []
+        for _ in range(5):
+            on_dir4.append(name_with_directory(4, members, "dir4-", skip=on_dir4))
+        for name in on_dir4:
+            await c.spaces[2].lock(name, NL)
+        handles = await _locks_everywhere(c, busy + on_dir4)
+        victim = 1 if victim_role == "busiest-master" else 4
+        await c.kill(victim)
+        await c.change_view(removed=frozenset({victim}))
+        for name in busy + on_dir4:
+            masters = c.masters_of(name)
+            assert len(masters) == 1 and victim not in masters, (name, masters)
+            res = c.spaces[masters[0]].masters[name]
+            owners = sorted(key[0] for key in res.locks)
+            survivors = sorted(n for n in c.spaces)
+            assert set(owners) == set(survivors), (name, owners)
+        # new requests from every survivor find the same master and conflict correctly
+        for name in busy + on_dir4:
+            for node in c.spaces:
+                h = handles[(node, name)]
+                await c.spaces[node].unlock(h)
+            ex = [c.spaces[n].request(name, EX) for n in c.spaces]
+            statuses = []
+            for h in ex:
+                statuses.append(await h.wait())
+                await c.spaces[next(n for n in c.spaces if h.ls is c.spaces[n])].unlock(h)
+            assert statuses == [0] * len(ex)
+            assert len(c.masters_of(name)) <= 1
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_blocked_grants_are_held_except_noexp():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 2)
+        s1, s2 = c.spaces[1], c.spaces[2]
+        s1.block_grants_on_recovery = True
+        await c.change_view()  # a membership change: s1 now holds back grants
+        assert s1.grants_blocked
+        normal = s1.request(b"journal-2", EX)
+        recovery = s1.request(b"journal-3", EX, Flag.NOEXP)
+        assert await recovery.wait() == 0
+        await trio.sleep(0.05)
+        assert normal.status == 0 and not normal._done.is_set()  # granted, not delivered
+        s1.unblock_grants()
+        assert await normal.wait() == 0
+        assert s2.running
+        await c.close()
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,225 @@
+"""Rules of transactions and extents (pure), and what the writer and replay refuse."""
+
+from __future__ import annotations
+
+import shutil
+import struct
+from pathlib import Path
+
+import pytest
+
+from gfspy.journal.extent import JournalExtents
+from gfspy.journal.log import JournalFullError, open_journal
+from gfspy.journal.replay import ReplayError, replay_journal
+from gfspy.journal.transaction import Transaction, TransactionError
+from gfspy.ondisk.constants import LD_METADATA, METATYPE_LH
+from gfspy.ondisk.meta import MetaHeader
+
+from .helpers import (
+    BSIZE,
+    data_block,
+    free_blocks,
+    fsck,
+    journal0,
+    make_image,
+    metadata_block,
+    open_device,
+    read_block,
+    replay_counts,
+)
+
+
+@pytest.mark.timeout(10)
+def test_transaction_last_word_wins() -> None:
+    t = Transaction(BSIZE)
+    t.add_metadata(10, metadata_block(10, 1))
+    t.revoke(10)
+    assert t.metadata == {} and t.revokes == {10}
+    t.add_jdata(10, data_block(1))  # reused as journaled data: the revoke must go
+    assert t.revokes == set() and set(t.jdata) == {10}
+    t.add_metadata(10, metadata_block(10, 2))
+    assert t.jdata == {} and t.metadata[10] == metadata_block(10, 2)
+    assert t.blocks == {10}
+
+
+@pytest.mark.timeout(10)
+def test_transaction_refuses_what_replay_could_not_handle() -> None:
+    t = Transaction(BSIZE)
+    with pytest.raises(TransactionError, match="magic"):
+        t.add_metadata(5, data_block(1))
+    header = MetaHeader.for_type(METATYPE_LH).pack().ljust(BSIZE, b"\0")
+    with pytest.raises(TransactionError, match="LH"):
+        t.add_metadata(5, header)
+    with pytest.raises(TransactionError, match="block size"):
+        t.add_metadata(5, metadata_block(5, 1)[:512])
+    with pytest.raises(TransactionError):
+        t.revoke(0)
+    assert not t
+
+
+@pytest.mark.timeout(10)
+def test_extents_split_io_at_run_and_ring_boundaries() -> None:
+    ext = JournalExtents(7, BSIZE, ((100, 4), (50, 3), (200, 5)))
+    assert ext.blocks == 12
+    assert [ext.device_block(i) for i in range(12)] == [
+        100, 101, 102, 103, 50, 51, 52, 200, 201, 202, 203, 204
+    ]  # fmt: skip
+    assert ext.device_runs(2, 4) == [(0, 102, 2), (2, 50, 2)]
+    assert ext.device_runs(10, 5) == [(0, 203, 2), (2, 100, 3)]  # wraps to block 0
+    with pytest.raises(IndexError):
+        ext.device_block(12)
+
+
+async def dirty_image(tmp_path: Path) -> tuple[Path, int, list[int]]:
+    """An image whose journal0 holds one committed, unreplayed transaction.
+
+    Returns the image, the journal block of the transaction's descriptor and the
+    logged blocks."""
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        blocks = await free_blocks(dev, 3)
+        journal = await open_journal(dev, 0)
+        start = journal.head_block
+        t = Transaction(BSIZE)
+        for blk in blocks:
+            t.add_metadata(blk, metadata_block(blk, 1))
+        await journal.commit(t)
+    finally:
+        await dev.aclose()
+    return image, start, blocks
+
+
+async def corrupt_log_block(image: Path, jblock: int, offset: int, data: bytes) -> None:
+    dev = await open_device(image)
+    try:
+        _, extents = await journal0(dev)
+        addr = extents.device_block(jblock) * BSIZE
+        raw = bytearray(await dev.read(addr, BSIZE))
+        raw[offset : offset + len(data)] = data
+        await dev.write(addr, bytes(raw))
+    finally:
+        await dev.aclose()
+
+
+async def assert_replay_refused(image: Path, match: str) -> None:
+    before = image.read_bytes()
+    dev = await open_device(image)
+    try:
+        _, extents = await journal0(dev)
+        with pytest.raises(ReplayError, match=match):
+            await replay_journal(dev, extents, jid=0)
+    finally:
+        await dev.aclose()
+    assert image.read_bytes() == before, "a refused replay must not write anything"
+
+
+@pytest.mark.timeout(60)
+async def test_replay_refuses_metadata_copy_without_magic(tmp_path: Path) -> None:
+    image, start, _ = await dirty_image(tmp_path)
+    await corrupt_log_block(image, start + 2, 0, b"\0\0\0\0")
+    await assert_replay_refused(image, "lacks the GFS2 magic")
+
+
+@pytest.mark.timeout(60)
+async def test_replay_refuses_malformed_descriptors(tmp_path: Path) -> None:
+    image, start, _ = await dirty_image(tmp_path)
+    pristine = tmp_path / "pristine.img"
+    shutil.copyfile(image, pristine)
+    await corrupt_log_block(image, start, 28, struct.pack(">I", 50))  # ld_length
+    await assert_replay_refused(image, "past the head")
+
+    shutil.copyfile(pristine, image)
+    await corrupt_log_block(image, start, 24, struct.pack(">I", 399))  # ld_type
+    await assert_replay_refused(image, "unknown type 399")
+
+    shutil.copyfile(pristine, image)
+    await corrupt_log_block(image, start, 24, struct.pack(">III", LD_METADATA, 4, 2))
+    await assert_replay_refused(image, "length 4 for 2 blocks")
+
+
+@pytest.mark.timeout(60)
+async def test_oversized_transaction_is_refused_without_harm(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        journal = await open_journal(dev, 0)
+        t = Transaction(BSIZE)
+        for blk in range(1, journal.journal_blocks):
+            t.add_metadata(10_000 + blk, metadata_block(10_000 + blk, 0))
+        with pytest.raises(JournalFullError):
+            await journal.commit(t)
+        small = Transaction(BSIZE)
+        (blk,) = await free_blocks(dev, 1)
+        small.add_metadata(blk, metadata_block(blk, 1))
+        await journal.commit(small)  # the journal is still usable
+        await journal.clean_unmount()
+    finally:
+        await dev.aclose()
+    assert not fsck(image, "-n").dirty
+
+
+@pytest.mark.timeout(60)
+async def test_sync_blocks_protects_another_nodes_later_write(tmp_path: Path) -> None:
+    """The glock contract: after sync_blocks (EX demotion), another node may write
+    the block in place; replaying our journal afterwards must not undo that."""
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        a, b = await free_blocks(dev, 2)
+        journal = await open_journal(dev, 0)
+        t = Transaction(BSIZE)
+        t.add_metadata(a, metadata_block(a, 1))
+        t.add_metadata(b, metadata_block(b, 1))
+        await journal.commit(t)
+        await journal.sync_blocks([a])
+        assert read_block(image, a) == metadata_block(a, 1)
+        assert journal.ail_blocks == {b}
+        await dev.write(a * BSIZE, metadata_block(a, 2))  # the other node's write
+        await dev.flush()
+    finally:
+        await dev.aclose()  # crash: journal left dirty
+    run = fsck(image, "-y")
+    assert replay_counts(run.output)[0] == (1, 2)
+    assert read_block(image, a) == metadata_block(a, 2)
+    assert read_block(image, b) == metadata_block(b, 1)
+
+
+@pytest.mark.timeout(60)
+async def test_large_transaction_spans_several_descriptors(tmp_path: Path) -> None:
+    """More items than one descriptor holds: 2 METADATA and 2 JDATA descriptors, and
+    a revoke list continued in an LB block; fsck.gfs2 and our replay agree."""
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        pool = await free_blocks(dev, 900, spacing=1)
+        meta, jdata = pool[:600], pool[600:]
+        journal = await open_journal(dev, 0)
+        t1 = Transaction(BSIZE)
+        for blk in meta:
+            t1.add_metadata(blk, metadata_block(blk, 1))
+        for blk in jdata:
+            t1.add_jdata(blk, data_block(blk, starts_with_magic=blk % 2 == 0))
+        await journal.commit(t1)
+        t2 = Transaction(BSIZE)
+        for blk in meta[:550] + jdata[:200]:
+            t2.revoke(blk)
+        await journal.commit(t2)
+    finally:
+        await dev.aclose()
+    by_fsck = tmp_path / "by-fsck.img"
+    shutil.copyfile(image, by_fsck)
+    run = fsck(by_fsck, "-y")
+    assert replay_counts(run.output) == ((50, 600), (100, 300))
+    for blk in meta[550:]:
+        assert read_block(by_fsck, blk) == metadata_block(blk, 1)
+    for blk in jdata[200:]:
+        assert read_block(by_fsck, blk) == data_block(blk, starts_with_magic=blk % 2 == 0)
+    dev = await open_device(image)
+    try:
+        _, extents = await journal0(dev)
+        result = await replay_journal(dev, extents, jid=0, header_style="fsck")
+        assert result.revokes == 750
+    finally:
+        await dev.aclose()
+    assert image.read_bytes() == by_fsck.read_bytes()
