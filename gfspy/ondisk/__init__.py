@@ -72,11 +72,13 @@ from .statfs import StatfsChange
 from .superblock import Superblock
 from .xattr import (
     EARecord,
+    add_ea_record,
     iter_ea_records,
     join_xattr_name,
     new_ea_block,
     pack_ea_block,
     pack_ed_block,
+    remove_ea_record,
     split_xattr_name,
 )
 
@@ -106,6 +108,7 @@ __all__ = [
     "StatfsChange",
     "Superblock",
     "add_dirent",
+    "add_ea_record",
     "bitmap_blocks_needed",
     "bitmap_capacity",
     "block_path",
@@ -142,6 +145,7 @@ __all__ = [
     "pack_rindex",
     "peek_type",
     "remove_dirent",
+    "remove_ea_record",
     "rg_crc",
     "set_state",
     "split_bitmap",

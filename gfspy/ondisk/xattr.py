@@ -171,6 +171,66 @@ def iter_ea_records(block: Buffer, bsize: int | None = None) -> Iterator[tuple[i
             raise FormatError("EA block: no record carries the LAST flag")
 
 
+def add_ea_record(block: bytearray | memoryview, record: EARecord) -> int | None:
+    """Insert `record` into an EA block in place; returns its offset, or None if no
+    record has room.
+
+    An unused record big enough is taken whole; otherwise the first record with
+    enough slack is cut to its own size and the new one takes the rest (and the LAST
+    flag, if the record it was cut from had it). `record.rec_len`/`flags` are set.
+    """
+    needed = record.size
+    for offset, existing in iter_ea_records(block):
+        if existing.type == EATYPE_UNUSED:
+            if existing.rec_len < needed:
+                continue
+            record.rec_len = existing.rec_len
+            record.flags = existing.flags & EAFLAG_LAST
+            _write_record(block, offset, record, existing.rec_len)
+            return offset
+        slack = existing.rec_len - existing.size
+        if slack >= needed:
+            record.rec_len = slack
+            record.flags = existing.flags & EAFLAG_LAST
+            existing.rec_len = existing.size
+            existing.flags &= ~EAFLAG_LAST
+            _write_record(block, offset, existing, existing.rec_len)
+            _write_record(block, offset + existing.rec_len, record, slack)
+            return offset + existing.rec_len
+    return None
+
+
+def remove_ea_record(block: bytearray | memoryview, offset: int) -> EARecord:
+    """Delete the record at `offset` from an EA block in place and return it (so the
+    caller can free its ED blocks).
+
+    Its space joins the previous record, which inherits the LAST flag; the first
+    record has no previous one, so it is marked unused and keeps its length.
+    """
+    previous: tuple[int, EARecord] | None = None
+    for here, existing in iter_ea_records(block):
+        if here == offset:
+            if existing.type == EATYPE_UNUSED:
+                raise FormatError(f"EA record at {offset} is already unused")
+            if previous is None:
+                freed = EARecord.unused(existing.rec_len, last=existing.is_last)
+                _write_record(block, offset, freed, existing.rec_len)
+            else:
+                prev_offset, prev = previous
+                prev.rec_len += existing.rec_len
+                prev.flags |= existing.flags & EAFLAG_LAST
+                _write_record(block, prev_offset, prev, prev.rec_len)
+            return existing
+        previous = (here, existing)
+    raise FormatError(f"no EA record starts at offset {offset}")
+
+
+def _write_record(block: bytearray | memoryview, offset: int, record: EARecord, span: int) -> None:
+    """Write `record` at `offset`, zeroing the rest of its `span` bytes."""
+    packed = record.pack()
+    block[offset : offset + span] = packed + bytes(span - len(packed))
+
+
 def pack_ea_block(bsize: int, records: list[EARecord]) -> bytes:
     """An EA block laid out from `records` as given (their rec_len are trusted)."""
     raw = bytearray(pad_block(MetaHeader.for_type(METATYPE_EA).pack(), bsize, "EA block"))

@@ -26,7 +26,7 @@ from gfspy.ondisk.directory import (
 from gfspy.ondisk.indirect import block_path, pack_indirect_block, pack_pointers
 from gfspy.ondisk.inum import pack_next_inum, unpack_next_inum
 from gfspy.ondisk.meta import Inum
-from gfspy.ondisk.rgrp import find_state, pack_rgrp_blocks, set_state
+from gfspy.ondisk.rgrp import find_state, get_state, pack_rgrp_blocks, set_state
 from gfspy.ondisk.statfs import StatfsChange
 from gfspy.ondisk.xattr import (
     EARecord,
@@ -95,6 +95,17 @@ class ImageEditor:
             owner.blocks.append(info.entry.data0 + n)
             return info.entry.data0 + n
         raise RuntimeError("image full")
+
+    def free(self, block: int) -> None:
+        """Return a non-dinode block to the free pool."""
+        for info in self.walk.rgrps:
+            if info.entry.contains(block):
+                n = block - info.entry.data0
+                assert get_state(info.bitmap, n) == C.USED, f"block {block} is not USED"
+                set_state(info.bitmap, n, C.FREE)
+                info.header.free += 1
+                return
+        raise AssertionError(f"block {block} is in no rgrp")
 
     def alloc_inum(self, owner: Allocation) -> Inum:
         addr = self.alloc(C.DINODE, owner)

@@ -422,3 +422,36 @@ def test_extreme_field_values_survive() -> None:
     assert Dirent.unpack(dirent.pack()) == dirent
     with pytest.raises(struct.error):
         Dinode(formal=U64 + 1, addr=1, mode=0).pack()
+
+
+@pytest.mark.timeout(10)
+def test_add_and_remove_ea_records_keep_the_chain() -> None:
+    from gfspy.ondisk.xattr import add_ea_record, remove_ea_record
+
+    def record(name: bytes, value: bytes) -> EARecord:
+        return EARecord(0, len(value), len(name), C.EATYPE_USR, name=name, value=value)
+
+    def names(block: bytearray) -> list[bytes]:
+        return [r.name for _, r in iter_ea_records(block) if r.type != C.EATYPE_UNUSED]
+
+    block = bytearray(new_ea_block(512))  # 488 bytes of records
+    offsets = [add_ea_record(block, record(f"k{i}".encode(), b"v" * 70)) for i in range(5)]
+    assert offsets == [24, 112, 200, 288, 376]  # 16 + 2 + 70 -> 88 bytes each
+    assert add_ea_record(block, record(b"big", b"v" * 100)) is None
+    records = [r for _, r in iter_ea_records(block)]
+    assert [r.is_last for r in records] == [False] * 4 + [True]
+    removed = remove_ea_record(block, 200)
+    assert removed.name == b"k2" and names(block) == [b"k0", b"k1", b"k3", b"k4"]
+    assert add_ea_record(block, record(b"new", b"w" * 60)) == 200  # k1's slack
+    remove_ea_record(block, 376)  # the LAST record: its predecessor becomes LAST
+    last = [r for _, r in iter_ea_records(block)][-1]
+    assert last.name == b"k3" and last.is_last and last.rec_len == 512 - 288
+    remove_ea_record(block, 24)  # the first record is marked unused in place
+    first = next(iter_ea_records(block))[1]
+    assert first.type == C.EATYPE_UNUSED and first.rec_len == 88
+    with pytest.raises(FormatError, match="already unused"):
+        remove_ea_record(block, 24)
+    with pytest.raises(FormatError, match="no EA record"):
+        remove_ea_record(block, 30)
+    assert add_ea_record(block, record(b"again", b"x")) == 24
+    assert names(block) == [b"again", b"k1", b"new", b"k3"]

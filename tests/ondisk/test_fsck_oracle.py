@@ -29,12 +29,14 @@ from gfspy.ondisk.directory import (
     remove_dirent,
     unpack_hash_table,
 )
+from gfspy.ondisk.indirect import unpack_indirect_block
 from gfspy.ondisk.journal import LogDescriptor, LogHeader, pack_revokes
 from gfspy.ondisk.meta import Inum
+from gfspy.ondisk.xattr import EARecord, add_ea_record, remove_ea_record
 
 from .conftest import ImageSpec, run_fsck
 from .imageedit import Allocation, Child, ImageEditor, XattrSpec
-from .imagewalk import walk_image
+from .imagewalk import WalkResult, walk_image
 
 # What a clean `fsck.gfs2 -n` prints; anything else is a complaint.
 CLEAN_LINE = re.compile(
@@ -231,6 +233,46 @@ def test_fsck_accepts_dirent_removal_and_insertion(
     assert result.dinodes[addresses["small"]].nlink == 640
 
 
+@pytest.mark.timeout(120)
+def test_fsck_accepts_xattr_edits(gfs2_image_copy: Callable[..., Path]) -> None:
+    """add_ea_record/remove_ea_record on blocks we wrote: a stuffed record replaced
+    by two new ones, and an unstuffed one removed with its ED blocks freed."""
+    image = gfs2_image_copy(ImageSpec())
+    addresses = populate(image)
+    editor = ImageEditor(image)
+    bsize = editor.bsize
+
+    small = Dinode.unpack(editor.read(addresses["small"]))
+    block = bytearray(editor.read(small.eattr))
+    assert remove_ea_record(block, 24).name == b"comment"
+    for ea_type, name, value in [
+        (C.EATYPE_USR, b"a", b"1" * 100),
+        (C.EATYPE_TRUSTED, b"b", b"2" * 7),
+    ]:
+        record = EARecord(0, len(value), len(name), ea_type, name=name, value=value)
+        assert add_ea_record(block, record) is not None
+    editor.write(small.eattr, bytes(block))
+
+    data_raw = editor.read(addresses["data"])
+    data = Dinode.unpack(data_raw)
+    ea_addr = unpack_indirect_block(editor.read(data.eattr))[0]
+    block = bytearray(editor.read(ea_addr))
+    removed = remove_ea_record(block, 24)
+    assert removed.name == b"big" and len(removed.pointers) == 3
+    for ed in removed.pointers:
+        editor.free(ed)
+    editor.write(ea_addr, bytes(block))
+    data.blocks -= len(removed.pointers)
+    editor.write(data.addr, data.pack_block(bsize, Dinode.payload(data_raw)))
+    editor.close()
+
+    checked = run_fsck(image, "-n")
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    assert complaints(checked) == []
+    result = walk_image(image, strict_layout=False)
+    assert result.counts["ED"] == 0 and "root/data.bin@xattr:big" not in result.files
+
+
 def journal_head(image: Path, journal: list[int], bsize: int = 4096) -> LogHeader:
     """The valid log header with the highest sequence in a journal."""
     headers = []
@@ -243,11 +285,10 @@ def journal_head(image: Path, journal: list[int], bsize: int = 4096) -> LogHeade
     return max(headers, key=lambda header: header.sequence)
 
 
-def write_transaction(image: Path, revoke: bool) -> tuple[int, int, int]:
+def write_transaction(image: Path, walk: WalkResult, revoke: bool) -> tuple[int, int, int]:
     """Log a changed copy of the root dinode in journal0 (and, if `revoke`, revoke it
     in a second transaction). Returns (root address, mode in the logged copy, last
     sequence number written)."""
-    walk = walk_image(image)
     bsize = walk.sb.bsize
     journal = walk.journal_blocks["master/jindex/journal0"]
     head = walk.journal_heads["master/jindex/journal0"]
@@ -292,8 +333,9 @@ def test_fsck_replays_our_journal_transaction(
     gfs2_image_copy: Callable[..., Path], revoke: bool
 ) -> None:
     image = gfs2_image_copy(ImageSpec(journals=2))
-    journal = walk_image(image).journal_blocks["master/jindex/journal0"]
-    root_addr, logged_mode, last_sequence = write_transaction(image, revoke)
+    walk = walk_image(image)
+    journal = walk.journal_blocks["master/jindex/journal0"]
+    root_addr, logged_mode, last_sequence = write_transaction(image, walk, revoke)
 
     assert not journal_head(image, journal).is_clean
     checked = run_fsck(image, "-n")
