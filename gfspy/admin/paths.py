@@ -122,13 +122,13 @@ def format_status(status: dict[str, Any]) -> str:
         for pi, path in enumerate(group["paths"]):
             corner = "`" if pi == len(group["paths"]) - 1 else "|"
             if path["state"] == "active" and path["ready"]:
-                state = "active ready "
+                state = "active ready"
             elif path["state"] == "fenced":
-                state = "fenced       "
+                state = "fenced"
             else:
                 state = "failed faulty"
             reason = f"  ({path['reason']})" if path["reason"] else ""
-            lines.append(f"{stem} {corner}- {path['uri']}  {state}{reason}")
+            lines.append(f"{stem} {corner}- {path['uri']}  {state:<13}{reason}".rstrip())
     return "\n".join(lines)
 
 

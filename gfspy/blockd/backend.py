@@ -35,7 +35,7 @@ _libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c
 
 _ZERO_CHUNK = 1 << 20
 _MIN_POOLED = 64 * 1024
-_POOL_DEPTH = 16  # buffers kept per size class
+_POOL_BYTES_PER_CLASS = 64 * 1024 * 1024  # free buffers kept per size class, at most 16
 
 
 class BackendError(OSError):
@@ -79,12 +79,50 @@ class _BufferPool:
         return mmap.mmap(-1, size)
 
     def put(self, buf: mmap.mmap) -> None:
+        """Keep the buffer for reuse, or drop it (it unmaps once its last view is gone)."""
+        depth = max(2, min(16, _POOL_BYTES_PER_CLASS // len(buf)))
         with self._lock:
             free = self._free.setdefault(len(buf), [])
-            if len(free) < _POOL_DEPTH:
+            if len(free) < depth:
                 free.append(buf)
-                return
-        buf.close()
+
+
+_BUFFERS = _BufferPool()
+
+
+def allocate_buffer(length: int) -> mmap.mmap:
+    """A page-aligned buffer of at least `length` bytes (for WRITE payloads)."""
+    return _BUFFERS.get(length)
+
+
+def release_payload(payload: object) -> None:
+    """Give a payload view's buffer back to the pool once the write is done with it."""
+    if isinstance(payload, memoryview):
+        owner = payload.obj
+        payload.release()
+        if isinstance(owner, mmap.mmap):
+            _BUFFERS.put(owner)
+
+
+class ReadBuffer:
+    """Data read into a pooled aligned buffer, sent straight from there (no copy).
+
+    Call `release` once the bytes are on the wire so the buffer can be reused.
+    """
+
+    def __init__(self, pool: _BufferPool | None, buf: mmap.mmap | None, length: int) -> None:
+        self._pool = pool
+        self._buf = buf
+        self.view = memoryview(buf)[:length] if buf is not None else memoryview(b"")
+
+    def __len__(self) -> int:
+        return len(self.view)
+
+    def release(self) -> None:
+        self.view.release()
+        if self._buf is not None and self._pool is not None:
+            buf, self._buf = self._buf, None
+            self._pool.put(buf)
 
 
 class FileBackend:
@@ -128,7 +166,7 @@ class FileBackend:
                 self.block_size,
                 self.size,
             )
-        self._pool = _BufferPool()
+        self._pool = _BUFFERS
         self._gen_lock = threading.Lock()
         self._write_generation = 0  # bumped after every completed write
         self._flushed_generation = 0  # the generation the last completed flush covered
@@ -152,41 +190,39 @@ class FileBackend:
 
     # --- operations (blocking) --------------------------------------------------
 
-    def read(self, offset: int, length: int) -> bytes:
+    def read(self, offset: int, length: int) -> ReadBuffer:
         if length == 0:
-            return b""
-        buf = self._pool.get(length)
+            return ReadBuffer(None, None, 0)
+        result = ReadBuffer(self._pool, self._pool.get(length), length)
         try:
-            view = memoryview(buf)[:length]
-            try:
-                got = os.preadv(self.fd, [view], offset)
-                data = bytes(view[:got])
-            finally:
-                view.release()
+            got = os.preadv(self.fd, [result.view], offset)
         except OSError as e:
+            result.release()
             raise BackendError(nbd_error_for(e.errno), f"read at {offset}: {e.strerror}") from e
-        finally:
-            self._pool.put(buf)
         if got != length:
+            result.release()
             raise BackendError(NbdErrno.EIO, f"short read at {offset}: {got} of {length}")
-        return data
+        return result
 
-    def write(self, offset: int, data: bytes, fua: bool = False) -> None:
+    def write(self, offset: int, data: bytes | bytearray | memoryview, fua: bool = False) -> None:
+        """Write `data`; a view over a pooled buffer goes to the disk without a copy."""
         length = len(data)
         if length == 0:
             return
-        buf = self._pool.get(length)
+        flags = os.RWF_DSYNC if fua else 0
         try:
-            view = memoryview(buf)[:length]
-            try:
-                view[:] = data
-                done = os.pwritev(self.fd, [view], offset, os.RWF_DSYNC if fua else 0)
-            finally:
-                view.release()
+            if isinstance(data, memoryview) and isinstance(data.obj, mmap.mmap):
+                done = os.pwritev(self.fd, [data], offset, flags)  # page-aligned already
+            else:
+                buf = self._pool.get(length)
+                try:
+                    with memoryview(buf)[:length] as view:
+                        view[:] = data
+                        done = os.pwritev(self.fd, [view], offset, flags)
+                finally:
+                    self._pool.put(buf)
         except OSError as e:
             raise BackendError(nbd_error_for(e.errno), f"write at {offset}: {e.strerror}") from e
-        finally:
-            self._pool.put(buf)
         if done != length:
             raise BackendError(NbdErrno.EIO, f"short write at {offset}: {done} of {length}")
         self._wrote()
@@ -263,7 +299,10 @@ class FileBackend:
     def close(self) -> None:
         if self.fd >= 0:
             fd, self.fd = self.fd, -1
-            os.close(fd)
+            try:
+                os.close(fd)
+            except OSError as e:  # e.g. the backing filesystem went away first
+                log.warning("%s: close failed: %s", self.path, e)
 
 
 def detect_wwid(path: str) -> str | None:

@@ -142,16 +142,30 @@ def _open_exports(args: argparse.Namespace) -> list[Export]:
         backend = FileBackend(path, readonly=args.read_only)
         wwid = wwids.get(name) or (detect_wwid(path) if backend.is_blockdev else None)
         exports.append(Export(name, backend, wwid))
+    return exports
+
+
+def _log_startup(args: argparse.Namespace, server: BlockServer) -> None:
+    """Say what is served, only once everything could be set up."""
+    for export in server.exports:
+        backend = export.backend
         log.info(
             "export %s: %s, %d bytes, block %d, %s%s",
-            name,
-            path,
+            export.name,
+            backend.path,
             backend.size,
             backend.block_size,
-            "O_DIRECT" if backend.direct else "buffered",
-            f", wwid {wwid}" if wwid else "",
+            "O_DIRECT" if backend.direct else "buffered (O_DIRECT unsupported)",
+            f", wwid {export.wwid}" if export.wwid else "",
         )
-    return exports
+    table = server.fence_table
+    if table.path is None:
+        log.warning("no --state directory: fence bans will not survive a restart")
+    else:
+        fenced = table.fenced_nodes()
+        log.info("fence table %s: fenced nodes %s", table.path, fenced or "none")
+    if server.tls_context is None:
+        log.warning("no TLS: client identities are declared, not authenticated (insecure)")
 
 
 def _write_ready_file(path: str, info: dict) -> None:
@@ -175,6 +189,7 @@ async def _serve(args: argparse.Namespace, server: BlockServer) -> None:
         control_listeners = await trio.open_tcp_listeners(cport, host=chost)
     server.nbd_addresses = [_address_text(x) for x in nbd_listeners]
     control_addresses = [_address_text(x) for x in control_listeners]
+    _log_startup(args, server)
     async with trio.open_nursery() as nursery:
         await nursery.start(server.run_background)
         nursery.start_soon(trio.serve_listeners, server.handle_nbd, nbd_listeners)
@@ -234,10 +249,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ssl.SSLError, FenceTableError) as e:
         print(f"gfspy-blockd: {e}", file=sys.stderr)
         return EXIT_FAILURE
-    if not args.state:
-        log.warning("no --state directory: fence bans will not survive a restart")
-    if tls_context is None:
-        log.warning("no TLS: client identities are declared, not authenticated (insecure)")
     server = BlockServer(exports, table, tls_context=tls_context, drain_timeout=args.drain_timeout)
     try:
         trio.run(_serve, args, server)

@@ -87,6 +87,9 @@ class FenceTable:
             return False, f"node {node} is fenced; only an admitted incarnation may connect"
         return True, ""
 
+    def fenced_nodes(self) -> list[str]:
+        return sorted(n for n, r in self.nodes.items() if r.is_fenced)
+
     def is_banned(self, node: str, incarnation: int | None) -> bool:
         return not self.may_connect(node, incarnation)[0]
 
@@ -139,7 +142,10 @@ class FenceTable:
     # --- persistence ------------------------------------------------------------
 
     def load(self) -> None:
-        """Read the table; a missing file is an empty table, a corrupt one is an error."""
+        """Read the table; a missing file is an empty table, a corrupt one is an error.
+
+        Silent, so that a server that cannot start prints only its one error line.
+        """
         path = self.path
         if path is None:
             return
@@ -147,7 +153,6 @@ class FenceTable:
             with open(path, encoding="utf-8") as f:
                 raw = json.load(f)
         except FileNotFoundError:
-            log.info("no fence table at %s: starting with none", path)
             return
         except (OSError, ValueError) as e:
             raise FenceTableError(f"{path}: cannot read fence table: {e}") from None
@@ -157,8 +162,6 @@ class FenceTable:
             self.nodes = {n: NodeRecord.from_json(r) for n, r in raw["nodes"].items()}
         except (KeyError, TypeError, ValueError, AttributeError) as e:
             raise FenceTableError(f"{path}: malformed fence table: {e}") from None
-        fenced = [n for n, r in self.nodes.items() if r.is_fenced]
-        log.info("fence table loaded from %s: fenced nodes %s", path, fenced or "none")
 
     def serialize(self) -> bytes:
         """A snapshot of the table, taken where no other change can interleave."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import socket
 import ssl
 import time
 from collections.abc import Callable
@@ -18,7 +19,8 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gfspy.blockd.backend import BackendError
+from gfspy.blockd.backend import BackendError, ReadBuffer, allocate_buffer, release_payload
+from gfspy.blockd.reply_writer import ReplyWriter, reply_writer_for
 from gfspy.nbd import server_proto as sp
 from gfspy.nbd import wire
 from gfspy.nbd.wire import Cmd, CmdFlag, NbdErrno, Opt, Rep
@@ -28,7 +30,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECEIVE_SIZE = 256 * 1024
+RECEIVE_SIZE = 1024 * 1024
 MAX_IN_FLIGHT = 64  # requests of one connection being executed at once
 HANDSHAKE_TIMEOUT = 60.0  # a client must finish option haggling within this
 
@@ -69,9 +71,10 @@ class Session:
         self.closed = trio.Event()
         self._drained = trio.Event()
         self._cancel = trio.CancelScope()
-        self._send_lock = trio.Lock()
         self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._refused_fenced = 0
+        self._writer: ReplyWriter | None = None  # set when transmission starts
+        self._rbuf: bytearray | None = None
 
     # --- fencing hooks ----------------------------------------------------------
 
@@ -88,6 +91,11 @@ class Session:
 
     async def close(self) -> None:
         """Hard-disconnect and wait until the connection is fully torn down."""
+        if self._writer is not None:
+            self._writer.abort()  # replies stuck behind a client that stopped reading
+        if isinstance(self.stream, trio.SocketStream):
+            with contextlib.suppress(OSError):
+                self.stream.socket.shutdown(socket.SHUT_RDWR)
         self._cancel.cancel()
         await self.closed.wait()
 
@@ -113,7 +121,9 @@ class Session:
     async def run(self) -> None:
         try:
             with self._cancel:
-                conn = sp.ServerConnection(tls_mode=self.server.tls_mode)
+                conn = sp.ServerConnection(
+                    tls_mode=self.server.tls_mode, allocate_payload=allocate_buffer
+                )
                 await self._send(conn.data_to_send())
                 with trio.move_on_after(HANDSHAKE_TIMEOUT) as handshake_scope:
                     proceed = await self._handshake(conn)
@@ -132,20 +142,55 @@ class Session:
             self.closed.set()
             log.info("session %s from %s (node %s): closed", self.id, self.peer, self.node)
 
-    async def _send(self, data: bytes, payload: bytes = b"") -> None:
-        if not data:
-            return
-        async with self._send_lock:
+    async def _send(self, data: bytes) -> None:
+        """Handshake bytes (transmission replies go through the reply writer)."""
+        if data:
             await self.stream.send_all(data)
-            if payload:
-                await self.stream.send_all(payload)
 
     async def _receive(self, conn: sp.ServerConnection) -> bool:
+        """Feed the machine the next bytes; False at EOF.
+
+        On plain TCP, recv_into one reused buffer: a fresh large bytes object per recv
+        costs an mmap and its page faults every time.
+        """
+        if isinstance(self.stream, trio.SocketStream):
+            direct = conn.payload_receive_buffer()
+            if direct is not None:  # WRITE data straight into its aligned buffer
+                try:
+                    n = await self.stream.socket.recv_into(direct)
+                except OSError as e:
+                    raise trio.BrokenResourceError(str(e)) from e
+                finally:
+                    direct.release()
+                if not n:
+                    return False
+                conn.payload_received(n)
+                return True
+            if self._rbuf is None:
+                self._rbuf = bytearray(RECEIVE_SIZE)
+            try:
+                n = await self.stream.socket.recv_into(self._rbuf)
+            except OSError as e:
+                raise trio.BrokenResourceError(str(e)) from e
+            if not n:
+                return False
+            with memoryview(self._rbuf) as view:
+                conn.receive_data(view[:n])
+            return True
         data = await self.stream.receive_some(RECEIVE_SIZE)
         if not data:
             return False
         conn.receive_data(data)
         return True
+
+    async def _receive_or_eof(self, conn: sp.ServerConnection) -> bool:
+        """Like _receive, but a broken connection is just the end (inside the nursery an
+        exception would arrive wrapped in an ExceptionGroup)."""
+        try:
+            return await self._receive(conn)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.info("session %s from %s: connection lost: %s", self.id, self.peer, e)
+            return False
 
     # --- handshake --------------------------------------------------------------
 
@@ -261,11 +306,12 @@ class Session:
     # --- transmission -----------------------------------------------------------
 
     async def _transmission(self, conn: sp.ServerConnection) -> None:
+        self._writer = reply_writer_for(self.stream)
         async with trio.open_nursery() as nursery:
             while True:
                 event = conn.next_event()
                 if event is sp.NEED_DATA:
-                    if conn.state is sp.State.DONE or not await self._receive(conn):
+                    if conn.state is sp.State.DONE or not await self._receive_or_eof(conn):
                         break
                     continue
                 if isinstance(event, sp.Command):
@@ -281,7 +327,10 @@ class Session:
                         event.error.name,
                         event.reason,
                     )
-                    await self._send(wire.encode_simple_reply(event.error, event.request.cookie))
+                    release_payload(event.payload)
+                    reply = wire.encode_simple_reply(event.error, event.request.cookie)
+                    if not await self._send_reply(reply):
+                        break
                 elif isinstance(event, sp.DisconnectRequested):
                     log.info("session %s: client sent DISC", self.id)
                     break
@@ -290,7 +339,17 @@ class Session:
                     break
             # Falling out of the nursery waits for every request already started.
 
-    def _operation(self, req: wire.Request, payload: bytes) -> Callable[[], bytes | None]:
+    async def _send_reply(self, header: bytes, payload: bytes | memoryview = b"") -> bool:
+        """Send one reply; False (logged) when the connection broke."""
+        assert self._writer is not None
+        try:
+            await self._writer.send(header, payload)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            log.info("session %s from %s: cannot send reply: %s", self.id, self.peer, e)
+            return False
+        return True
+
+    def _operation(self, req: wire.Request, payload: sp.Payload) -> Callable[[], ReadBuffer | None]:
         assert self.export is not None
         backend = self.export.backend
         fua = bool(req.flags & CmdFlag.FUA)
@@ -307,9 +366,9 @@ class Session:
             return lambda: backend.write_zeroes(req.offset, req.length, may_punch, fua)
         raise AssertionError(f"validated command {req.type} has no operation")
 
-    async def _execute(self, req: wire.Request, payload: bytes) -> None:
+    async def _execute(self, req: wire.Request, payload: sp.Payload) -> None:
         error: int = 0
-        data: bytes | None = None
+        data: ReadBuffer | None = None
         try:
             if self.fencing:
                 error = NbdErrno.EPERM
@@ -339,7 +398,11 @@ class Session:
                 elif req.type == Cmd.WRITE:
                     self.bytes_written += req.length
             reply = wire.encode_simple_reply(error, req.cookie)
-            await self._send(reply, data if (data and not error) else b"")
+            if not await self._send_reply(reply, data.view if data is not None else b""):
+                self._cancel.cancel()  # the connection is gone: stop reading it too
         finally:
+            release_payload(payload)
+            if data is not None:
+                data.release()
             self.queued -= 1
             self._slots.release()

@@ -40,24 +40,20 @@ from typing import Any
 
 import trio
 
-from gfspy.blockd import control_client
-from gfspy.blockd.address import parse_hostport
 from gfspy.blockdev.device import DeviceError
-from gfspy.blockdev.nbd import (
+from gfspy.blockdev.nbd import ExportProperties, SubmittingDevice, check_properties
+from gfspy.blockdev.nbd_session import (
     MUTATING,
     ClientIdentity,
-    ExportProperties,
     FencedError,
     NbdConnection,
     NbdTarget,
     PathError,
-    SubmittingDevice,
-    check_properties,
     default_identity,
     export_name_for,
     parse_nbd_uri,
-    socket_errno,
 )
+from gfspy.blockdev.quiesce import obtain_quiesce_guarantee
 from gfspy.nbd.wire import Cmd
 
 log = logging.getLogger(__name__)
@@ -492,9 +488,7 @@ class MultipathDevice(SubmittingDevice):
                     continue
                 try:
                     quiesce.outcomes[seq] = await self._execute(member, reissue=True)
-                except (DeviceError, trio.Cancelled) as e:
-                    if isinstance(e, trio.Cancelled):
-                        raise
+                except DeviceError as e:
                     quiesce.outcomes[seq] = e
         except trio.Cancelled:
             for seq in quiesce.members:
@@ -513,13 +507,13 @@ class MultipathDevice(SubmittingDevice):
     # ---- checker and failback -----------------------------------------------------
 
     async def _checker(self) -> None:
-        try:
-            with self._checker_scope:
-                while True:
-                    await trio.sleep(self.config.polling_interval)
+        with self._checker_scope:
+            while True:
+                await trio.sleep(self.config.polling_interval)
+                try:
                     await self.check_paths()
-        except Exception:  # a system task must not crash the run
-            log.exception("%s: path checker crashed", self.name)
+                except Exception:  # a system task must not crash the run; keep checking
+                    log.exception("%s: path checker round failed", self.name)
 
     async def check_paths(self) -> None:
         """One checker round: probe active paths, try to reinstate failed ones, failback."""
@@ -588,9 +582,8 @@ class MultipathDevice(SubmittingDevice):
             ready = [p for p in self.groups[index] if p.usable]
             if not ready:
                 continue
-            if failback == "immediate" or now - max(p.ready_since for p in ready) >= float(
-                failback
-            ):
+            up_for = now - min(p.ready_since for p in ready)
+            if failback == "immediate" or up_for >= float(failback):
                 self.switch_group(index)
                 return
 
@@ -657,85 +650,3 @@ def _group_status(index: int, group: list[Path], active: int) -> str:
     if not any(p.usable for p in group):
         return "failed"
     return "active" if index == active else "enabled"
-
-
-# ---- the quiesce guarantee (§3.7 rule 3) ----------------------------------------------
-
-
-async def obtain_quiesce_guarantee(
-    target: NbdTarget,
-    session_id: str | None,
-    local_address: tuple[str, int] | None,
-    *,
-    timeout: float,
-    retry_interval: float,
-    lifetime_bound: float | None,
-    is_fenced: Callable[[], bool],
-) -> str | None:
-    """Return how the old session is known drained, or None if that cannot be shown."""
-    start = trio.current_time()
-    while trio.current_time() - start < timeout and not is_fenced():
-        remaining = timeout - (trio.current_time() - start)
-        how = await _try_quiesce(target, session_id, local_address, min(remaining, 10.0))
-        if how is not None:
-            return how
-        if lifetime_bound is not None and trio.current_time() - start >= lifetime_bound:
-            return f"declared request lifetime bound of {lifetime_bound:g}s passed"
-        await trio.sleep(retry_interval)
-    return None
-
-
-async def _try_quiesce(
-    target: NbdTarget, session_id: str | None, local_address: tuple[str, int] | None, timeout: float
-) -> str | None:
-    if target.control is None:
-        # No control channel: only a server that is gone for sure can be trusted.
-        if target.host is not None and await connection_refused(target.host, target.port, timeout):
-            return "server gone (NBD port refuses connections)"
-        return None
-    host, port = parse_hostport(target.control)
-    if await connection_refused(host, port, timeout):
-        return "server gone (control port refuses connections)"
-    if session_id is None:
-        # The server did not name the session in the handshake: find it by our address.
-        try:
-            status = await control_client.server_status(target.control, timeout=timeout)
-        except control_client.ControlError as e:
-            log.warning("%s: control STATUS failed: %s", target.server, e)
-            return None
-        session_id = _find_session(status, local_address)
-        if session_id is None:
-            return "server lists no session for our connection (drained and closed)"
-    try:
-        answer = await control_client.session_fence(target.control, session_id, timeout=timeout)
-    except control_client.ControlError as e:
-        log.warning("%s: SESSION_FENCE failed: %s", target.server, e)
-        return None
-    if control_client.is_confirmed(answer):
-        return f"SESSION_FENCE of {session_id} confirmed"
-    log.warning("%s: SESSION_FENCE of %s not confirmed: %s", target.server, session_id, answer)
-    return None
-
-
-def _find_session(status: dict[str, Any], local_address: tuple[str, int] | None) -> str | None:
-    if local_address is None:
-        return None
-    host, port = local_address[0], local_address[1]
-    wanted = {f"{host}:{port}", f"[{host}]:{port}"}
-    for session in status.get("sessions", ()):
-        if isinstance(session, dict) and session.get("peer") in wanted:
-            return str(session.get("session_id"))
-    return None
-
-
-async def connection_refused(host: str, port: int, timeout: float) -> bool:
-    """True only when the host actively refuses a TCP connection (nothing listens)."""
-    try:
-        with trio.fail_after(timeout):
-            stream = await trio.open_tcp_stream(host, port)
-    except trio.TooSlowError:
-        return False
-    except OSError as e:
-        return socket_errno(e) == errno.ECONNREFUSED
-    await trio.aclose_forcefully(stream)
-    return False

@@ -52,6 +52,8 @@ _REFUSAL_ERRNO = {
 
 class _State(enum.Enum):
     GREETING = "greeting"
+    STARTTLS_REPLY = "starttls-reply"
+    TLS_PENDING = "tls-pending"
     OPTION_REPLY = "option-reply"
     EXPORT_NAME_REPLY = "export-name-reply"
     TRANSMISSION = "transmission"
@@ -98,13 +100,18 @@ class Reply:
 
 
 @dataclass(frozen=True)
+class StartTLS:
+    """The server accepted STARTTLS: wrap the stream in TLS, then call `tls_established`."""
+
+
+@dataclass(frozen=True)
 class ConnectionClosed:
     """The server closed the connection cleanly between frames."""
 
     pending: tuple[int, ...] = ()
 
 
-Event = Negotiated | Reply | ConnectionClosed
+Event = Negotiated | Reply | ConnectionClosed | StartTLS
 
 
 @dataclass
@@ -118,6 +125,8 @@ class ClientConnection:
     """One NBD connection's protocol state, from greeting to DISC."""
 
     export_name: str
+    #: Ask for STARTTLS before anything else (nbds://); the identity then is the cert's.
+    tls: bool = False
     max_option_reply: int = wire.MAX_OPTION_DATA
     _state: _State = _State.GREETING
     _buf: bytearray = field(default_factory=bytearray)
@@ -195,6 +204,12 @@ class ClientConnection:
                 if raw is None:
                     return self._eof_check("the greeting")
                 self._on_greeting(raw)
+            elif self._state is _State.STARTTLS_REPLY:
+                event = self._on_starttls_reply()
+                if event is not None:
+                    return event
+            elif self._state is _State.TLS_PENDING:
+                return NEED_DATA
             elif self._state is _State.OPTION_REPLY:
                 event = self._on_option_reply()
                 if event is not None:
@@ -217,10 +232,47 @@ class ClientConnection:
         if self._no_zeroes:
             client |= wire.ClientFlag.C_NO_ZEROES
         self._out += wire.encode_client_flags(client)
+        if self.tls:
+            self._out += wire.encode_option(Opt.STARTTLS)
+            self._state = _State.STARTTLS_REPLY
+        else:
+            self._send_go()
+
+    def _send_go(self) -> None:
         self._out += wire.encode_option(
             Opt.GO, wire.encode_info_request(self.export_name, INFO_REQUESTS)
         )
         self._state = _State.OPTION_REPLY
+
+    def _on_starttls_reply(self) -> Event | _NeedData | None:
+        if len(self._buf) < wire.OPTION_REPLY_HEADER_SIZE:
+            return self._eof_check("STARTTLS")
+        header = wire.decode_option_reply_header(bytes(self._buf[: wire.OPTION_REPLY_HEADER_SIZE]))
+        if header.opt != Opt.STARTTLS:
+            raise NbdProtocolError(f"reply to option {header.opt}, but STARTTLS was asked")
+        if header.length > self.max_option_reply:
+            raise NbdProtocolError(f"option reply of {header.length} bytes is too long")
+        total = wire.OPTION_REPLY_HEADER_SIZE + header.length
+        if len(self._buf) < total:
+            return self._eof_check("STARTTLS")
+        payload = bytes(self._buf[wire.OPTION_REPLY_HEADER_SIZE : total])
+        del self._buf[:total]
+        if header.reply_type == Rep.ACK:
+            if self._buf:
+                # Bytes after the ACK but before the TLS handshake: an injection attempt.
+                raise NbdProtocolError("plaintext data after the STARTTLS acknowledgement")
+            self._state = _State.TLS_PENDING
+            return StartTLS()
+        message = payload.decode("utf-8", "replace")[: wire.MAX_STRING]
+        raise NbdNegotiationError(
+            errno.EACCES, f"server refused TLS: {message or hex(header.reply_type)}"
+        )
+
+    def tls_established(self) -> None:
+        """The transport finished the TLS handshake; negotiation continues inside it."""
+        if self._state is not _State.TLS_PENDING:
+            raise NbdProtocolError("tls_established() without a pending STARTTLS")
+        self._send_go()
 
     def _on_option_reply(self) -> Event | _NeedData | None:
         if len(self._buf) < wire.OPTION_REPLY_HEADER_SIZE:

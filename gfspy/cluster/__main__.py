@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import secrets
 import signal
 import sys
@@ -59,6 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="open a DLM lockspace NAME (repeatable)",
     )
     parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        default="/var/lib/gfspy",
+        help="where the node keeps the highest view epoch it agreed to, so that epochs "
+        "never repeat across restarts (default /var/lib/gfspy)",
+    )
+    parser.add_argument(
         "--incarnation",
         metavar="HEX",
         help="use this incarnation instead of a fresh random one "
@@ -101,19 +109,24 @@ def main(argv: list[str] | None = None) -> int:
     else:
         incarnation = secrets.randbits(63) | 1
     status_socket = args.status_socket or f"/run/gfspy/{config.name}-{args.node}.sock"
+    daemon = NodeDaemon(
+        config, args.node, incarnation, status_socket, args.lockspace, args.state_dir
+    )
     try:
-        return trio.run(_run, config, args.node, incarnation, status_socket, args.lockspace)
+        os.makedirs(os.path.dirname(status_socket) or ".", exist_ok=True)
+        os.makedirs(args.state_dir, exist_ok=True)
+        daemon.load_epoch()
+    except OSError as exc:
+        print(f"gfspy-cluster: node {args.node}: cannot start: {exc}", file=sys.stderr)
+        return 1
+    try:
+        return trio.run(_run, daemon)
     except KeyboardInterrupt:
         return 0
 
 
-async def _run(
-    config, node_id: int, incarnation: int, status_socket: str, lockspaces: list[str]
-) -> int:
-    import os
-
-    os.makedirs(os.path.dirname(status_socket) or ".", exist_ok=True)
-    daemon = NodeDaemon(config, node_id, incarnation, status_socket, lockspaces)
+async def _run(daemon: NodeDaemon) -> int:
+    node_id = daemon.my_id
     outcome = 0
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

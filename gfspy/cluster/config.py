@@ -71,6 +71,9 @@ class Timeouts:
     fence_timeout: float = 60.0  # one attempt of one method
     fence_delay: float = 0.0  # two_node: non-lowest nodes wait this long before fencing
     proposal_timeout: float = 2.0  # coordinator re-proposes when acks are missing
+    #: Nodes absent from a new cluster's first view are fenced after this long unless they
+    #: join cleanly first (like dlm_controld's startup fencing and post_join_delay).
+    startup_fence_delay: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -285,9 +288,9 @@ def _parse_timeouts(raw: Any) -> Timeouts:
     values: dict[str, float] = {}
     for key in names:
         value = _take(raw, key, (int, float), where, getattr(defaults, key))
-        if key == "fence_delay":
+        if key in ("fence_delay", "startup_fence_delay"):
             if value < 0:
-                raise ConfigError(f"{where}: 'fence_delay' must not be negative")
+                raise ConfigError(f"{where}: '{key}' must not be negative")
             values[key] = float(value)
         else:
             values[key] = _positive(value, key, where)

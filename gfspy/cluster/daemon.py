@@ -55,6 +55,7 @@ class NodeDaemon:
         incarnation: int,
         status_socket: str | None = None,
         lockspaces: list[str] | tuple[str, ...] = (),
+        state_dir: str | None = None,
     ) -> None:
         self.config = config
         self.node = config.node(node_id)
@@ -76,6 +77,10 @@ class NodeDaemon:
             self.node.heartbeat,
             {n.node_id: n.heartbeat for n in config.nodes if n.node_id != node_id},
         )
+        self.state_file = (
+            os.path.join(state_dir, f"{config.name}-node{node_id}.epoch") if state_dir else None
+        )
+        self._persisted_epoch = 0
         self.lockspace_names = list(dict.fromkeys(lockspaces))
         self.lockspaces: dict[str, Any] = {}
         self.transport: Any = None
@@ -126,7 +131,46 @@ class NodeDaemon:
     def _wake_fencing(self) -> None:
         self._fencing_wakeup.set()
         self._fencing_wakeup = trio.Event()
-        self.membership.fences_outstanding = bool(self.fencer.outstanding())
+        self._update_join_gate()
+
+    def _update_join_gate(self) -> None:
+        # A pending startup fence must not keep out the very node it would be cancelled by.
+        self.membership.fences_outstanding = any(not c.startup for c in self.fencer.outstanding())
+
+    # ----- durable epoch ---------------------------------------------------------------
+
+    def load_epoch(self) -> None:
+        """Restore the highest epoch acked by earlier runs, so epochs never repeat."""
+        if not self.state_file:
+            return
+        try:
+            with open(self.state_file) as f:
+                epoch = int(f.read().strip() or 0)
+        except FileNotFoundError:
+            return
+        except (OSError, ValueError) as exc:
+            raise OSError(f"{self.state_file}: unreadable state file: {exc}") from None
+        self.membership.restore_epoch(epoch)
+        self._persisted_epoch = epoch
+        log.info("node %d: restored epoch %d from %s", self.my_id, epoch, self.state_file)
+
+    async def _persist_epoch(self) -> None:
+        """Make the highest acked epoch durable before any ack for it leaves this node."""
+        epoch = self.membership.durable_epoch
+        if not self.state_file or epoch <= self._persisted_epoch:
+            return
+        path = self.state_file
+
+        def write() -> None:
+            tmp = f"{path}.tmp"
+            with open(tmp, "w") as f:
+                f.write(f"{epoch}\n")
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+
+        await trio.to_thread.run_sync(write)
+        self._persisted_epoch = epoch
 
     # ----- lockspaces ----------------------------------------------------------------
 
@@ -273,6 +317,8 @@ class NodeDaemon:
             )
 
     async def _apply(self, actions: list[Action]) -> None:
+        if actions:
+            await self._persist_epoch()
         for action in actions:
             if isinstance(action, Send):
                 await self.socket.send(action.node_id, action.kind, action.body)
@@ -294,7 +340,15 @@ class NodeDaemon:
         now = time.time()
         for node_id, inc in committed.removed.items():
             self.fencer.need_fence(node_id, inc, view.epoch, now)
-        self.membership.fences_outstanding = bool(self.fencer.outstanding())
+        if committed.founding:
+            # Startup fencing: a configured node missing from a new cluster may still be
+            # running with state from an earlier life (cut off, or never restarted).
+            for node_id in self.config.node_ids:
+                if view.member(node_id) is None:
+                    self.fencer.need_fence(node_id, 0, view.epoch, now, startup=True)
+        for node_id, inc in committed.joined.items():
+            self.fencer.joined_cleanly(node_id, inc, view.epoch)
+        self._update_join_gate()
         self.journal.add(
             "view_committed",
             view.epoch,
@@ -314,8 +368,11 @@ class NodeDaemon:
             view = self.membership.view
             actor = self.membership.is_member and view.epoch > 0 and view.low_node == self.my_id
             if actor and self.local_quorum().quorate:
+                delay = self.config.timeouts.startup_fence_delay
                 for case in self.fencer.outstanding():
                     key = (case.node_id, case.incarnation)
+                    if case.startup and time.time() - case.failed_at < delay:
+                        continue  # give a slow-booting node its chance to join cleanly
                     if key not in self._fence_tasks:
                         self._fence_tasks.add(key)
                         self._nursery.start_soon(self._fence_task, case)

@@ -66,6 +66,10 @@ class FenceCase:
     attempts: int = 0
     last_error: str = ""
     actor: int | None = None
+    #: Startup fence: the node was absent from a new cluster's first view, so whatever
+    #: incarnation it may be running (incarnation 0 = any) must be fenced, unless it
+    #: joins cleanly first.
+    startup: bool = False
 
     @property
     def done(self) -> bool:
@@ -160,8 +164,9 @@ async def fence_at_storage(
     async def one(server_name: str, address: str) -> None:
         try:
             with trio.fail_after(timeout + 5.0):
+                # Incarnation 0 (startup fence) means whatever incarnation it runs.
                 reply = await client.fence_node(
-                    address, node_name, epoch, incarnation=incarnation, timeout=timeout
+                    address, node_name, epoch, incarnation=incarnation or None, timeout=timeout
                 )
             ok, text = _confirmed(reply)
         except trio.TooSlowError:
@@ -227,24 +232,41 @@ class Fencer:
 
     # ----- bookkeeping ---------------------------------------------------------------
 
-    def need_fence(self, node_id: int, incarnation: int, epoch: int, failed_at: float) -> FenceCase:
+    def need_fence(
+        self, node_id: int, incarnation: int, epoch: int, failed_at: float, startup: bool = False
+    ) -> FenceCase:
         key = (node_id, incarnation)
         case = self.cases.get(key)
         if case is None:
-            case = FenceCase(node_id, incarnation, epoch, failed_at)
+            case = FenceCase(node_id, incarnation, epoch, failed_at, startup=startup)
             self.cases[key] = case
-            log.warning(
-                "node %d: node %d (incarnation %#x) removed in view %d must be fenced",
-                self.my_id,
-                node_id,
-                incarnation,
-                epoch,
-            )
+            if startup:
+                log.warning(
+                    "node %d: node %d is absent from the cluster's first view %d: it will be "
+                    "fenced unless it joins cleanly first", self.my_id, node_id, epoch,
+                )  # fmt: skip
+            else:
+                log.warning(
+                    "node %d: node %d (incarnation %#x) removed in view %d must be fenced",
+                    self.my_id, node_id, incarnation, epoch,
+                )  # fmt: skip
             self._notify()
         return case
 
     def outstanding(self) -> list[FenceCase]:
         return [c for c in self.cases.values() if not c.done]
+
+    def joined_cleanly(self, node_id: int, incarnation: int, epoch: int) -> None:
+        """A fresh incarnation joined: a pending startup fence of that node is moot."""
+        for case in list(self.cases.values()):
+            if case.node_id == node_id and case.startup and not case.done:
+                detail = f"joined cleanly as incarnation {incarnation:#x}; startup fence cancelled"
+                self.record(
+                    FenceRecord(
+                        time.time(), node_id, case.incarnation, epoch, "startup", True, detail,
+                        self.my_id,
+                    )
+                )  # fmt: skip
 
     def is_fenced(self, node_id: int, incarnation: int) -> bool:
         case = self.cases.get((node_id, incarnation))

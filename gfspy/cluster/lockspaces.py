@@ -19,7 +19,7 @@ from gfspy.cluster.recovery import EventJournal
 from gfspy.cluster.view import View
 from gfspy.dlm.lockspace import LockHandle
 from gfspy.dlm.lockspace import Lockspace as DLMLockspace
-from gfspy.dlm.modes import DLMError, Flag, Mode, SBFlag, status_name
+from gfspy.dlm.modes import LVB_LEN, DLMError, Flag, Mode, SBFlag, status_name
 from gfspy.dlm.transport import Transport
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,8 @@ class ClusterLockspace:
         if request.get("noqueue"):
             flags |= Flag.NOQUEUE
         lvb = request.get("lvb")
+        if flags & Flag.VALBLK and lvb is None:
+            lvb = bytes(LVB_LEN)  # the buffer the value block is read into
         try:
             handle = self.dlm.request(
                 str(request["name"]), _mode(request["mode"]), flags, lvb, ast=self._on_completion

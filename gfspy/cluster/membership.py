@@ -49,6 +49,9 @@ class Proposal:
     coordinator: int
     members: tuple[tuple[int, int], ...]  # (node_id, incarnation), sorted
     removed_history: tuple[tuple[int, int], ...] = ()
+    #: Members of the view this one replaces, so a joiner learns who was removed (and
+    #: must be fenced before its lockspaces start) exactly as the old members do.
+    prev_members: tuple[tuple[int, int], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -57,6 +60,7 @@ class Proposal:
             "coord": self.coordinator,
             "members": [list(m) for m in self.members],
             "removed": [list(r) for r in self.removed_history],
+            "prevm": [list(m) for m in self.prev_members],
         }
 
     @classmethod
@@ -67,6 +71,7 @@ class Proposal:
             coordinator=int(body["coord"]),
             members=tuple(sorted((int(a), int(b)) for a, b in body["members"])),
             removed_history=tuple((int(a), int(b)) for a, b in body.get("removed", [])),
+            prev_members=tuple(sorted((int(a), int(b)) for a, b in body.get("prevm", []))),
         )
 
 
@@ -90,6 +95,7 @@ class ViewCommitted:
     view: View
     removed: dict[int, int]  # node id -> the incarnation that was removed (must be fenced)
     joined: dict[int, int]  # node id -> incarnation newly admitted
+    founding: bool = False  # the first view of a new cluster (nobody had a view before)
 
 
 @dataclass(frozen=True)
@@ -123,15 +129,32 @@ class Membership:
         self.view = View(epoch=0, members=(), quorate=False)
         self.highest_acked = 0
         self.highest_seen = 0
-        self.pending: Proposal | None = None
+        #: Proposals this node acked that are newer than its view, by epoch. One per
+        #: epoch at most; a COMMIT or a peer's gossip completes the matching one.
+        self.accepted: dict[int, Proposal] = {}
         self.removed_history: list[tuple[int, int]] = []
         self.expelled: str | None = None
         self.alive: dict[int, int] = {}  # peer id -> incarnation, fed by the failure detector
         self.peer_epoch: dict[int, int] = {}  # peer id -> committed epoch it gossips
+        self.peer_members: dict[int, tuple[tuple[int, int], ...]] = {}  # ... and its members
         self.witnesses_reachable = 0
         self.fences_outstanding = False
         self._in_flight: _InFlight | None = None
         self._change_announced = False
+
+    def restore_epoch(self, epoch: int) -> None:
+        """The highest epoch a previous incarnation acked (from the state file).
+
+        A restarted node must not ack a proposal at or below it, or a new cluster life
+        could reuse an epoch number with a different membership.
+        """
+        self.highest_acked = max(self.highest_acked, epoch)
+        self.highest_seen = max(self.highest_seen, epoch)
+
+    @property
+    def durable_epoch(self) -> int:
+        """What to keep in the state file: the highest epoch acked or committed."""
+        return max(self.highest_acked, self.view.epoch)
 
     # ----- queries -------------------------------------------------------------------
 
@@ -153,7 +176,13 @@ class Membership:
             return None
         if self.is_member:
             return min(m.node_id for m in self.live_members())
-        if self.view.epoch == 0 and all(self.peer_epoch.get(p, 0) == 0 for p in self.alive):
+        # Bootstrap: only among nodes known (from their gossip) to have no view yet, and
+        # not while we have accepted someone else's proposal.
+        if (
+            self.view.epoch == 0
+            and all(q.coordinator == self.my_id for q in self.accepted.values())
+            and all(self.peer_epoch.get(p, -1) == 0 for p in self.alive)
+        ):
             return min([self.my_id, *self.alive])
         return None  # joining an existing cluster: its coordinator will admit us
 
@@ -176,6 +205,7 @@ class Membership:
         if self.alive.get(node_id) == incarnation:
             del self.alive[node_id]
             self.peer_epoch.pop(node_id, None)
+            self.peer_members.pop(node_id, None)
         member = self.view.member(node_id)
         if self.is_member and member is not None and member.incarnation == incarnation:
             return self._announce_change(f"node {node_id} {why}")
@@ -193,13 +223,11 @@ class Membership:
         self.peer_epoch[sender] = epoch
         self.highest_seen = max(self.highest_seen, epoch, acked)
         me = (self.my_id, self.incarnation)
-        if (
-            self.pending is not None
-            and self.pending.epoch == epoch
-            and self.pending.members == members
-        ):
+        self.peer_members[sender] = members
+        ours = self.accepted.get(epoch)
+        if ours is not None and ours.members == members:
             log.info("node %d: view %d completed from node %d's gossip", self.my_id, epoch, sender)
-            return self._commit(self.pending)
+            return self._commit(ours)
         if epoch > self.view.epoch and self.view.epoch > 0 and self.is_member and me not in members:
             return self._expel(f"node {sender} reports view {epoch} without this node")
         return []
@@ -230,7 +258,7 @@ class Membership:
                 return []
             if kind == "commit":
                 p = Proposal.from_wire(body)
-                if self.pending is not None and self.pending == p:
+                if self.accepted.get(p.epoch) == p:
                     return self._commit(p)
                 return []
             if kind == "reject":
@@ -275,7 +303,7 @@ class Membership:
             if (m.node_id, m.incarnation) not in desired
         ]
         history = (self.removed_history + removed)[-MAX_REMOVED_HISTORY:]
-        proposal = Proposal(epoch, self.view.epoch, self.my_id, desired, tuple(history))
+        proposal = Proposal(epoch, self.view.epoch, self.my_id, desired, tuple(history), current)
         log.info(
             "node %d: proposing view %d members %s (was view %d %s)",
             self.my_id,
@@ -285,7 +313,7 @@ class Membership:
             list(self.view.member_ids),
         )
         self.highest_acked = epoch
-        self.pending = proposal
+        self.accepted[epoch] = proposal
         self._in_flight = _InFlight(proposal, {self.my_id}, now, now)
         actions += self._announce_change(f"proposing view {epoch}")
         actions += self._send_proposal(proposal, skip={self.my_id})
@@ -299,14 +327,16 @@ class Membership:
             keep = {(m.node_id, m.incarnation) for m in self.live_members()}
         else:
             keep = {(self.my_id, self.incarnation)}
-        in_view = {m.node_id for m in self.view.members}
+        # A restarted node's new incarnation may join in the same view that removes its
+        # old one: every member, the joiner included, still waits for that fence.
+        staying = {n for n, _ in keep}
         configured = set(self.config.node_ids)
         if not self.fences_outstanding:
             for node_id, inc in self.alive.items():
-                fresh = self.peer_epoch.get(node_id, 0) == 0 or self.view.epoch == 0
+                fresh = self.peer_epoch.get(node_id, -1) == 0 or self.view.epoch == 0
                 if (
                     node_id in configured
-                    and node_id not in in_view
+                    and node_id not in staying
                     and (node_id, inc) not in removed
                     and fresh
                 ):
@@ -314,18 +344,39 @@ class Membership:
         return tuple(sorted(keep))
 
     def _reject_stale_incarnations(self) -> list[Action]:
+        """Tell removed incarnations, and stateful strangers we outrank, to stop."""
         if not self.is_member:
             return []
         removed = set(self.removed_history)
-        return [
-            Send(
-                n,
-                "reject",
-                {"incarnation": inc, "why": f"incarnation {inc:#x} of node {n} was removed"},
-            )
-            for n, inc in self.alive.items()
-            if (n, inc) in removed
-        ]
+        live = self.live_members()
+        in_view = {m.node_id for m in self.view.members}
+        quorate = self.quorum.evaluate([m.node_id for m in live], self.witnesses_reachable)
+        sends: list[Action] = []
+        for n, inc in self.alive.items():
+            if (n, inc) in removed:
+                why = f"incarnation {inc:#x} of node {n} was removed"
+            elif (
+                n not in in_view
+                and self.peer_epoch.get(n, 0) > 0
+                and quorate.quorate
+                and self._outranks(self.peer_members.get(n, ()), live)
+            ):
+                # A node carrying a view of another partition or an earlier cluster life
+                # ("stateful merge"): its locks and caches are unknown to us, so it may not
+                # merge; it must restart (and is fenced like any node that left).
+                why = f"node {n} holds view {self.peer_epoch[n]} from another partition"
+            else:
+                continue
+            sends.append(Send(n, "reject", {"incarnation": inc, "why": why}))
+        return sends
+
+    @staticmethod
+    def _outranks(theirs: tuple[tuple[int, int], ...], ours: list[Member]) -> bool:
+        """Larger partition wins; on a tie, the one holding the lowest node id."""
+        if not theirs:
+            return True
+        mine = (len(ours), -min(m.node_id for m in ours))
+        return mine > (len(theirs), -min(n for n, _ in theirs))
 
     def _send_proposal(self, proposal: Proposal, skip: set[int]) -> list[Action]:
         wire = proposal.to_wire()
@@ -335,7 +386,7 @@ class Membership:
         me = (self.my_id, self.incarnation)
         if me not in p.members:
             return []
-        if self.pending == p:  # a retransmission: our ack was lost
+        if self.accepted.get(p.epoch) == p:  # a retransmission: our ack was lost
             return [Send(sender, "ack", {"epoch": p.epoch})]
         # A member only builds on the view it has; a joiner has no view to build on.
         if p.epoch <= self.highest_acked or (self.is_member and p.prev_epoch != self.view.epoch):
@@ -347,7 +398,7 @@ class Membership:
                 )
             ]
         self.highest_acked = p.epoch
-        self.pending = p
+        self.accepted[p.epoch] = p
         log.info("node %d: accepted proposal of view %d from node %d", self.my_id, p.epoch, sender)
         actions = self._announce_change(f"view {p.epoch} proposed by node {sender}")
         return actions + [Send(sender, "ack", {"epoch": p.epoch})]
@@ -371,7 +422,7 @@ class Membership:
         return sends + self._commit(p)
 
     def _commit(self, p: Proposal) -> list[Action]:
-        old = {m.node_id: m.incarnation for m in self.view.members}
+        old = dict(p.prev_members) if p.prev_epoch else {}
         new = dict(p.members)
         removed = {n: inc for n, inc in old.items() if new.get(n) != inc}
         joined = {n: inc for n, inc in new.items() if old.get(n) != inc}
@@ -387,7 +438,9 @@ class Membership:
         merged += [r for r in removed.items() if r not in set(merged)]
         self.removed_history = merged[-MAX_REMOVED_HISTORY:]
         self.view = view
-        self.pending = None
+        self.accepted = {e: q for e, q in self.accepted.items() if e > p.epoch}
+        if self._in_flight is not None and self._in_flight.proposal.prev_epoch != p.epoch:
+            self._in_flight = None  # built on a view that is no longer ours
         self.highest_acked = max(self.highest_acked, p.epoch)
         self._change_announced = False
         log.info(
@@ -398,7 +451,7 @@ class Membership:
             sorted(removed),
             sorted(joined),
         )
-        return [ViewCommitted(view, removed, joined)]
+        return [ViewCommitted(view, removed, joined, founding=p.prev_epoch == 0)]
 
     def _announce_change(self, reason: str) -> list[Action]:
         if self._change_announced or not self.is_member:
@@ -410,7 +463,7 @@ class Membership:
         if self.expelled:
             return []
         self.expelled = reason
-        self.pending = None
+        self.accepted.clear()
         self._in_flight = None
         log.error("node %d: expelled from the cluster: %s", self.my_id, reason)
         return [Expelled(reason)]

@@ -15,8 +15,9 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from gfspy.dlm.modes import (
     ECANCEL,
@@ -43,8 +44,13 @@ CONVERT = "convert"
 WAITING = "waiting"
 
 
-@dataclass(frozen=True)
-class Completion:
+# Plain ints on the hot path (enum member access costs more than the rule it feeds).
+IV, NL, CR, CW, PR, PW, EX = -1, 0, 1, 2, 3, 4, 5
+#: compatibility indexed [granted + 1][requested + 1]; IV (no mode) conflicts with nothing.
+_OK = tuple(tuple(compatible(g, r) for r in range(-1, 6)) for g in range(-1, 6))
+
+
+class Completion(NamedTuple):
     """Completion callback for one operation on lock `key`.
 
     `mode` is the lock's granted mode after the operation (IV once it is gone);
@@ -59,8 +65,7 @@ class Completion:
     lvbseq: int = 0
 
 
-@dataclass(frozen=True)
-class Blocking:
+class Blocking(NamedTuple):
     """Blocking callback: lock `key` is blocking a request for `mode`."""
 
     key: Hashable
@@ -70,20 +75,36 @@ class Blocking:
 Event = Completion | Blocking
 
 
-@dataclass
 class LockState:
     """The master copy of one lock."""
 
-    key: Hashable
-    grmode: int = Mode.IV
-    rqmode: int = Mode.IV
-    flags: int = 0
-    wants_bast: bool = False
-    highbast: int = Mode.NL
-    lvb: bytes | None = None
-    lvbseq: int = 0
-    sbflags: int = 0
-    queue: str = ""
+    __slots__ = (
+        "key",
+        "grmode",
+        "rqmode",
+        "flags",
+        "wants_bast",
+        "highbast",
+        "lvb",
+        "lvbseq",
+        "sbflags",
+        "queue",
+    )
+
+    def __init__(
+        self, key: Hashable, grmode: int = IV, rqmode: int = IV, flags: int = 0,
+        wants_bast: bool = False, lvb: bytes | None = None, lvbseq: int = 0,
+    ) -> None:  # fmt: skip
+        self.key = key
+        self.grmode = grmode
+        self.rqmode = rqmode
+        self.flags = flags
+        self.wants_bast = wants_bast
+        self.highbast = NL
+        self.lvb = lvb
+        self.lvbseq = lvbseq
+        self.sbflags = 0
+        self.queue = ""
 
 
 @dataclass
@@ -101,6 +122,10 @@ class Resource:
     #: Set by purge when a dead PW/EX holder used VALBLK; applied by recover_lvb.
     lvb_inval_pending: bool = False
     _events: list[Event] = field(default_factory=list, repr=False)
+    _queues: dict[str, list[LockState]] = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        self._queues = {GRANTED: self.granted, CONVERT: self.converting, WAITING: self.waiting}
 
     # ------------------------------------------------------------------ public calls
 
@@ -116,7 +141,7 @@ class Resource:
         if key in self.locks:
             raise DLMError(errno.EEXIST, f"lock {key!r} already exists on {self.name!r}")
         validate_request(mode, flags, self.name, lvb is not None)
-        lock = LockState(key=key, rqmode=mode, flags=flags, wants_bast=wants_bast, lvb=lvb)
+        lock = LockState(key, IV, mode, flags, wants_bast, lvb)
         self.locks[key] = lock
         self._do_request(lock)
         return self._take_events()
@@ -151,7 +176,7 @@ class Resource:
         lock.flags |= flags
         self._remove(lock)
         self._set_lvb_unlock(lock)
-        self._events.append(Completion(key, EUNLOCK, Mode.IV))
+        self._events.append(Completion(key, EUNLOCK, IV))
         self._grant_pending()
         return self._take_events()
 
@@ -169,7 +194,7 @@ class Resource:
         """
         dead = [lock for lock in self.locks.values() if is_dead(lock.key)]
         for lock in dead:
-            if lock.flags & Flag.VALBLK and lock.grmode >= Mode.PW:
+            if lock.flags & Flag.VALBLK and lock.grmode >= PW:
                 self.lvb_inval_pending = True
             self._remove(lock)
         return len(dead)
@@ -191,14 +216,11 @@ class Resource:
         """
         if key in self.locks:
             return False
-        lock = LockState(
-            key=key, grmode=grmode, rqmode=rqmode, flags=flags, wants_bast=wants_bast,
-            lvb=lvb, lvbseq=lvbseq,
-        )  # fmt: skip
+        lock = LockState(key, grmode, rqmode, flags, wants_bast, lvb, lvbseq)
         self.locks[key] = lock
-        if grmode == Mode.IV:
+        if grmode == IV:
             self._enqueue(lock, WAITING)
-        elif rqmode != Mode.IV:
+        elif rqmode != IV:
             self._enqueue(lock, CONVERT)
         else:
             self._enqueue(lock, GRANTED)
@@ -213,7 +235,7 @@ class Resource:
         if new_master:
             holders = [lk for lk in self.granted + self.converting if lk.flags & Flag.VALBLK]
             if holders:
-                big = next((lk for lk in holders if lk.grmode > Mode.CR), None)
+                big = next((lk for lk in holders if lk.grmode > CR), None)
                 if big is not None:
                     source = big
                 else:
@@ -265,12 +287,9 @@ class Resource:
         events, self._events = self._events, []
         return events
 
-    def _queue(self, which: str) -> list[LockState]:
-        return {GRANTED: self.granted, CONVERT: self.converting, WAITING: self.waiting}[which]
-
     def _enqueue(self, lock: LockState, which: str) -> None:
         lock.queue = which
-        queue = self._queue(which)
+        queue = self._queues[which]
         if which == GRANTED:
             # Kept ordered strongest first (stable among equal modes).
             for i, other in enumerate(queue):
@@ -285,7 +304,7 @@ class Resource:
 
     def _dequeue(self, lock: LockState) -> None:
         if lock.queue:
-            self._queue(lock.queue).remove(lock)
+            self._queues[lock.queue].remove(lock)
             lock.queue = ""
 
     def _remove(self, lock: LockState) -> None:
@@ -294,16 +313,17 @@ class Resource:
 
     # ------------------------------------------------------------------ grant rules
 
-    @staticmethod
-    def _conflicts(queue: Iterable[LockState], lock: LockState) -> bool:
-        return any(o is not lock and not compatible(o.grmode, lock.rqmode) for o in queue)
-
     def _can_be_granted_plain(self, lock: LockState, now: bool, recover: bool) -> bool:
-        conv = lock.grmode != Mode.IV
+        conv = lock.grmode != IV
         if lock.flags & Flag.EXPEDITE:
             return True
-        if self._conflicts(self.granted, lock) or self._conflicts(self.converting, lock):
-            return False
+        column = lock.rqmode + 1
+        for other in self.granted:
+            if not _OK[other.grmode + 1][column] and other is not lock:
+                return False
+        for other in self.converting:
+            if not _OK[other.grmode + 1][column] and other is not lock:
+                return False
         if conv and recover:
             return True
         if now and conv:
@@ -338,22 +358,22 @@ class Resource:
         """Returns (grantable, deadlocked), applying CONVDEADLK and ALTPR/ALTCW."""
         if self._can_be_granted_plain(lock, now, recover):
             return True, False
-        conv = lock.grmode != Mode.IV
+        conv = lock.grmode != IV
         if conv and not lock.flags & Flag.NOQUEUE and self._deadlocked(lock):
             if lock.flags & Flag.CONVDEADLK:
-                lock.grmode = Mode.NL
+                lock.grmode = NL
                 lock.sbflags |= SBFlag.DEMOTED
                 if lock.queue == GRANTED:  # keep the granted queue ordered by mode
                     self._dequeue(lock)
                     self._enqueue(lock, GRANTED)
                 return False, False
             return False, True
-        alt = Mode.IV
-        if lock.rqmode != Mode.PR and lock.flags & Flag.ALTPR:
-            alt = Mode.PR
-        elif lock.rqmode != Mode.CW and lock.flags & Flag.ALTCW:
-            alt = Mode.CW
-        if alt != Mode.IV:
+        alt = IV
+        if lock.rqmode != PR and lock.flags & Flag.ALTPR:
+            alt = PR
+        elif lock.rqmode != CW and lock.flags & Flag.ALTCW:
+            alt = CW
+        if alt != IV:
             wanted = lock.rqmode
             lock.rqmode = alt
             if self._can_be_granted_plain(lock, now, False):
@@ -366,8 +386,8 @@ class Resource:
         self._set_lvb_lock(lock)
         self._dequeue(lock)
         lock.grmode = lock.rqmode
-        lock.rqmode = Mode.IV
-        lock.highbast = Mode.NL
+        lock.rqmode = IV
+        lock.highbast = NL
         self._enqueue(lock, GRANTED)
         self._cast(lock, 0)
 
@@ -382,6 +402,8 @@ class Resource:
         lock.sbflags = 0
 
     def _set_lvb_lock(self, lock: LockState) -> None:
+        if not lock.flags & (Flag.VALBLK | Flag.IVVALBLK) and not self.lvb_invalid:
+            return  # the common case: this lock does not use the LVB at all
         op = lvb_operation(lock.grmode, lock.rqmode)
         if op == LVB_READ and lock.flags & Flag.VALBLK:
             lock.lvb = self.lvb
@@ -395,7 +417,7 @@ class Resource:
             lock.sbflags |= SBFlag.VALNOTVALID
 
     def _set_lvb_unlock(self, lock: LockState) -> None:
-        if lock.grmode < Mode.PW:
+        if lock.grmode < PW:
             return
         if lock.flags & Flag.IVVALBLK:
             self.lvb_invalid = True
@@ -414,7 +436,7 @@ class Resource:
         for holder in holders:
             if holder is lock or not holder.wants_bast:
                 continue
-            if self._bast_needed(holder, lock.rqmode, lock.rqmode == Mode.CW):
+            if self._bast_needed(holder, lock.rqmode, lock.rqmode == CW):
                 self._events.append(Blocking(holder.key, lock.rqmode))
                 holder.highbast = lock.rqmode
 
@@ -422,10 +444,8 @@ class Resource:
     def _bast_needed(holder: LockState, mode: int, cw_blocked: bool) -> bool:
         # PR and CW are unordered: a PR holder blocking a CW (or CW blocking PR) is
         # basted unless it was already basted for EX.
-        if (holder.grmode == Mode.PR and cw_blocked) or (
-            holder.grmode == Mode.CW and mode == Mode.PR
-        ):
-            return holder.highbast < Mode.EX
+        if (holder.grmode == PR and cw_blocked) or (holder.grmode == CW and mode == PR):
+            return holder.highbast < EX
         return holder.highbast < mode and not compatible(holder.grmode, mode)
 
     def _do_request(self, lock: LockState) -> None:
@@ -444,7 +464,7 @@ class Resource:
     def _do_convert(self, lock: LockState) -> None:
         grantable, deadlocked = self._can_be_granted(lock, now=True)
         if not grantable and deadlocked and not lock.flags & Flag.NODLCKWT:
-            lock.rqmode = Mode.IV
+            lock.rqmode = IV
             self._cast(lock, EDEADLK)
             return
         if not grantable and lock.sbflags & SBFlag.DEMOTED:
@@ -461,13 +481,13 @@ class Resource:
         else:
             if lock.flags & Flag.NOQUEUEBAST:
                 self._send_basts(lock, include_converting=True)
-            lock.rqmode = Mode.IV
+            lock.rqmode = IV
             self._cast(lock, -errno.EAGAIN)
 
     def _do_cancel(self, lock: LockState) -> None:
         if lock.queue == CONVERT:
             self._dequeue(lock)
-            lock.rqmode = Mode.IV
+            lock.rqmode = IV
             self._enqueue(lock, GRANTED)
             self._cast(lock, ECANCEL)
         elif lock.queue == WAITING:
@@ -481,7 +501,7 @@ class Resource:
         """Walk the convert queue, restarting after every grant; returns (high, cw)."""
         quit_after_demote = False
         while True:
-            high, cw, restart, demote_restart = Mode.IV, False, False, False
+            high, cw, restart, demote_restart = IV, False, False, False
             for lock in list(self.converting):
                 demoted = bool(lock.sbflags & SBFlag.DEMOTED)
                 grantable, deadlocked = self._can_be_granted(lock, now=False, recover=recover)
@@ -500,7 +520,7 @@ class Resource:
                         log.debug("resource %r: lock %r stays deadlocked", self.name, lock.key)
                     continue
                 high = max(high, lock.rqmode)
-                cw = cw or lock.rqmode == Mode.CW
+                cw = cw or lock.rqmode == CW
             if restart:
                 continue
             if demote_restart and not quit_after_demote:
@@ -516,18 +536,18 @@ class Resource:
                 self._grant(lock)
             else:
                 high = max(high, lock.rqmode)
-                cw = cw or lock.rqmode == Mode.CW
-        if high == Mode.IV:
+                cw = cw or lock.rqmode == CW
+        if high == IV:
             return
         for holder in self.granted:
             if not holder.wants_bast or not self._bast_needed_high(holder, high, cw):
                 continue
-            mode = Mode.CW if cw and high == Mode.PR and holder.grmode == Mode.PR else high
+            mode = CW if cw and high == PR and holder.grmode == PR else high
             self._events.append(Blocking(holder.key, mode))
             holder.highbast = high
 
     @staticmethod
     def _bast_needed_high(holder: LockState, high: int, cw: bool) -> bool:
-        if holder.grmode == Mode.PR and cw:
-            return holder.highbast < Mode.EX
+        if holder.grmode == PR and cw:
+            return holder.highbast < EX
         return holder.highbast < high and not compatible(holder.grmode, high)

@@ -92,12 +92,25 @@ class LockHandle:
         self.cancel_pending = False
         self.gone = False
         self.held: list[tuple] = []  # deliveries held back (grants frozen or order)
-        self._done = trio.Event()
+        #: Operations begun / completions delivered; `wait` compares them. The trio
+        #: Event is only made when someone actually has to wait (the local-master fast
+        #: path completes before the caller awaits).
+        self._begun = 1
+        self._delivered = 0
+        self._event: trio.Event | None = None
+
+    @property
+    def delivered(self) -> bool:
+        """True when the latest operation's completion has been delivered."""
+        return self._delivered >= self._begun
 
     async def wait(self) -> int:
         """Wait for the completion of the latest operation; returns its status."""
-        if not self._done.is_set():
-            await self._done.wait()
+        target = self._begun
+        while self._delivered < target:
+            if self._event is None:
+                self._event = trio.Event()
+            await self._event.wait()
         assert self.status is not None
         return self.status
 
@@ -105,10 +118,8 @@ class LockHandle:
         return f"<lock {self.ls.node_id}:{self.lkid} {self.name!r} {Mode(self.mode).name} op={self.op}>"
 
 
-def _fresh_event(handle: LockHandle) -> None:
-    """A new operation gets a new completion event, unless waiters still wait on the old."""
-    if handle._done.is_set():
-        handle._done = trio.Event()
+def _begin_op(handle: LockHandle) -> None:
+    handle._begun += 1
 
 
 @dataclass
@@ -210,7 +221,7 @@ class Lockspace:
             handle.lvb = check_lvb(lvb)
         handle.flags = flags
         handle.op, handle.op_mode, handle.op_flags = CONVERT, mode, flags | Flag.CONVERT
-        _fresh_event(handle)
+        _begin_op(handle)
         self._submit(handle, CONVERT)
 
     async def convert(
@@ -238,22 +249,17 @@ class Lockspace:
         if lvb is not None:
             handle.lvb = check_lvb(lvb)
         handle.unlocking = True
-        handle.op_flags = flags if handle.op is None else handle.op_flags
         handle.unlock_flags = flags
-        _fresh_event(handle)
+        _begin_op(handle)
         if flags & Flag.FORCEUNLOCK and self._withdraw_unsent(handle):
             self._complete(handle, EUNLOCK, Mode.IV, 0, None, 0)
             return
         self._submit(handle, UNLOCK)
 
     async def unlock(self, handle: LockHandle, flags: int = 0, lvb: bytes | None = None) -> int:
-        """Unlock and wait until the lock is gone; returns EUNLOCK (or ECANCEL)."""
+        """Unlock and wait until the lock is gone; returns EUNLOCK."""
         self.request_unlock(handle, flags, lvb)
-        while True:
-            status = await handle.wait()
-            if handle.gone:
-                return status
-            _fresh_event(handle)  # a grant overtaken by a force-unlock: wait on
+        return await handle.wait()
 
     def cancel(self, handle: LockHandle) -> bool:
         """Withdraw a queued request/conversion. Returns False (and does nothing, no
@@ -395,7 +401,7 @@ class Lockspace:
                 h.name,
                 action,
                 h.op_mode,
-                h.op_flags,
+                h.unlock_flags if action == UNLOCK else h.op_flags,
                 h.lvb,
                 h.bast is not None,
             )
@@ -450,7 +456,11 @@ class Lockspace:
         self._deliver(h, (self._notify, (h,)), freeze)
 
     def _notify(self, h: LockHandle) -> None:
-        h._done.set()
+        h._delivered = h._begun if h.gone else h._delivered + 1
+        event = h._event
+        if event is not None:
+            h._event = None
+            event.set()
         if h.ast is not None:
             h.ast(h)
 

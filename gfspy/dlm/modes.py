@@ -73,8 +73,11 @@ def is_up_conversion(granted: int, requested: int) -> bool:
     return requested > granted
 
 
-class Flag(enum.IntFlag):
-    """Request flags (the Linux DLM_LKF_* bits, same values)."""
+class Flag:
+    """Request flags (the Linux DLM_LKF_* bits, same values).
+
+    Plain ints rather than an IntFlag: flag tests sit on the lock fast path, and enum
+    arithmetic costs more than the whole grant decision."""
 
     NONE = 0
     NOQUEUE = 0x00000001
@@ -122,8 +125,8 @@ REQUEST_FLAGS = (
 UNLOCK_FLAGS = Flag.CANCEL | Flag.VALBLK | Flag.IVVALBLK | Flag.FORCEUNLOCK
 
 
-class SBFlag(enum.IntFlag):
-    """Status flags returned with a completion (Linux DLM_SBF_*)."""
+class SBFlag:
+    """Status flags returned with a completion (Linux DLM_SBF_*); plain ints like Flag."""
 
     NONE = 0
     DEMOTED = 0x01
@@ -173,7 +176,7 @@ def validate_request(mode: int, flags: int, name: bytes, has_lvb: bool) -> None:
     """Argument rules of a new request; raises DLMError(EINVAL)."""
     if not Mode.NL <= mode <= Mode.EX:
         raise _bad(f"mode {mode} out of range")
-    if flags & ~int(REQUEST_FLAGS):
+    if flags & ~REQUEST_FLAGS:
         raise _bad(f"unsupported flags {flags:#x}")
     if flags & Flag.CONVERT:
         raise _bad("CONVERT on a new request")
@@ -191,7 +194,7 @@ def validate_convert(granted: int, mode: int, flags: int, has_lvb: bool) -> None
     """Argument rules of a conversion of a lock granted in `granted`."""
     if not Mode.NL <= mode <= Mode.EX:
         raise _bad(f"mode {mode} out of range")
-    if flags & ~int(REQUEST_FLAGS):
+    if flags & ~REQUEST_FLAGS:
         raise _bad(f"unsupported flags {flags:#x}")
     if flags & Flag.CONVDEADLK and flags & Flag.NOQUEUE:
         raise _bad("CONVDEADLK with NOQUEUE")
@@ -205,7 +208,7 @@ def validate_convert(granted: int, mode: int, flags: int, has_lvb: bool) -> None
 
 def validate_unlock(flags: int) -> None:
     """Argument rules of unlock/cancel/force-unlock."""
-    if flags & ~int(UNLOCK_FLAGS):
+    if flags & ~UNLOCK_FLAGS:
         raise _bad(f"unsupported unlock flags {flags:#x}")
     if flags & Flag.CANCEL and flags & Flag.FORCEUNLOCK:
         raise _bad("CANCEL and FORCEUNLOCK together")

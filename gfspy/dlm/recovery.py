@@ -182,7 +182,7 @@ class Recovery:
         for node in gone:
             ls.transport.forget(node)
         for member in view.members:
-            ls.transport.set_peer(member.node_id, member.address)
+            ls.transport.set_peer(member.node_id, member.address, member.incarnation)
         for node in sorted(gone & set(view.removed) if view.removed else gone):
             if ls.on_recover_slot:
                 ls.on_recover_slot(node)

@@ -26,6 +26,7 @@ def pass1b(fsck: Fsck) -> None:
     bmap.sort()
     for start, count, a, b in bmap.overlaps():
         span = f"block {start}" if count == 1 else f"blocks {start}-{start + count - 1}"
+        a, b = sorted((a, b))
         owners = f"inode {a}" if a == b else f"inodes {a} and {b}"
         fsck.report.problem("duplicate", span, f"claimed twice, by {owners}")
     starts = [r.entry.data0 for r in fsck.rgrps]

@@ -7,6 +7,7 @@ the expected bitmap of an rgrp is built from the runs that fall in it.
 
 from __future__ import annotations
 
+import bisect
 import logging
 from dataclasses import dataclass
 
@@ -77,8 +78,6 @@ class BlockMap:
 
     def in_range(self, first: int, end: int) -> list[Claim]:
         """Sorted claims that intersect [first, end); call after sort()."""
-        import bisect
-
         starts = self._starts()
         i = bisect.bisect_left(starts, first)
         # A claim that starts before `first` may still reach into the range.

@@ -92,7 +92,9 @@ def pass3(fsck: Fsck) -> None:
     for name, inum in (("root", fsck.sb.root_dir), ("master", fsck.sb.master_dir)):
         ino = fsck.inodes.get(inum.addr)
         if ino is None:
-            report.problem("directory", f"{name} directory (block {inum.addr})", "is not a valid dinode")
+            report.problem(
+                "directory", f"{name} directory (block {inum.addr})", "is not a valid dinode"
+            )
         elif not ino.dinode.is_dir():
             report.problem("directory", ino.label, f"the superblock's {name} is not a directory")
         elif ino.dinode.formal != inum.formal:
@@ -127,7 +129,9 @@ def pass3(fsck: Fsck) -> None:
         if not ino.dinode.is_dir():
             continue
         if addr not in parent:
-            report.problem("unreachable", ino.label, "directory is not reachable from root or master")
+            report.problem(
+                "unreachable", ino.label, "directory is not reachable from root or master"
+            )
             continue
         dotdot = [e.dirent.inum.addr for e in ino.entries if e.name == b".."]
         if dotdot and dotdot[0] != parent[addr]:

@@ -70,7 +70,6 @@ def collect_area(
 async def collect_directory(fsck: Fsck, ino: Inode, walk: TreeWalk) -> int:
     """Read a directory's entries into `ino.entries`; returns the leaf blocks it owns."""
     di = ino.dinode
-    bs = fsck.geo.bsize
     if not di.is_exhash():
         if di.height != 0:
             fsck.report.problem("directory", ino.label, f"linear directory has height {di.height}")
@@ -78,7 +77,9 @@ async def collect_directory(fsck: Fsck, ino: Inode, walk: TreeWalk) -> int:
         return 0
     depth = di.depth
     if depth > DIR_MAX_DEPTH:
-        fsck.report.problem("directory", ino.label, f"hash table depth {depth} exceeds {DIR_MAX_DEPTH}")
+        fsck.report.problem(
+            "directory", ino.label, f"hash table depth {depth} exceeds {DIR_MAX_DEPTH}"
+        )
         return 0
     if di.size != 8 << depth:
         fsck.report.problem(
@@ -103,7 +104,9 @@ async def _hash_table_bytes(fsck: Fsck, ino: Inode, walk: TreeWalk, size: int) -
     di = ino.dinode
     if di.height == 0:
         if size > fsck.geo.stuffed_size:
-            fsck.report.problem("directory", ino.label, "stuffed hash table does not fit the dinode")
+            fsck.report.problem(
+                "directory", ino.label, "stuffed hash table does not fit the dinode"
+            )
             return None
         return bytes(ino.block[DINODE_SIZE : DINODE_SIZE + size])
     blocks = [b for s, n in walk.data_runs for b in range(s, s + n)]
@@ -144,7 +147,9 @@ async def _check_leaves(fsck: Fsck, ino: Inode, table: list[int], depth: int) ->
     leaves_wanted = {p for p, _, _ in runs if pointer_ok(fsck, p)}
     for p, _, _ in runs:
         if not pointer_ok(fsck, p):
-            report.problem("bad pointer", ino.label, f"hash table points to block {p}, out of range")
+            report.problem(
+                "bad pointer", ino.label, f"hash table points to block {p}, out of range"
+            )
     blocks = await fsck.reader.blocks(leaves_wanted)
     owned: set[int] = set()
     for p, slot, length in runs:
@@ -165,8 +170,11 @@ async def _check_leaves(fsck: Fsck, ino: Inode, table: list[int], depth: int) ->
         except FormatError as e:
             report.problem("bad block type", f"{ino.label} leaf {p}", f"not a leaf: {e}")
             continue
-        if length & (length - 1) or slot % length or leaf.depth > depth or (
-            length != 1 << (depth - leaf.depth)
+        if (
+            length & (length - 1)
+            or slot % length
+            or leaf.depth > depth
+            or (length != 1 << (depth - leaf.depth))
         ):
             report.problem(
                 "directory",
@@ -193,7 +201,9 @@ async def _walk_chain(
     chain_depth = leaf.depth
     while True:
         if blockno in owned:
-            report.problem("directory", f"{ino.label} leaf {blockno}", "leaf chain loops or is shared")
+            report.problem(
+                "directory", f"{ino.label} leaf {blockno}", "leaf chain loops or is shared"
+            )
             return
         owned.add(blockno)
         fsck.blockmap.claim(blockno, ino.addr, USED)
@@ -209,12 +219,16 @@ async def _walk_chain(
             return
         nxt = leaf.next
         if not pointer_ok(fsck, nxt):
-            report.problem("bad pointer", f"{ino.label} leaf {blockno}", f"lf_next {nxt} is out of range")
+            report.problem(
+                "bad pointer", f"{ino.label} leaf {blockno}", f"lf_next {nxt} is out of range"
+            )
             return
         data = await fsck.reader.block(nxt)
         if peek_type(data) != METATYPE_LF:
             report.problem(
-                "bad block type", f"{ino.label} leaf {blockno}", f"lf_next {nxt} is not a leaf block"
+                "bad block type",
+                f"{ino.label} leaf {blockno}",
+                f"lf_next {nxt} is not a leaf block",
             )
             return
         leaf = Leaf.unpack(data)

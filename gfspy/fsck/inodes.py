@@ -40,10 +40,7 @@ def _state_positions(bitmap: bytes, ndata: int, want: int) -> list[int]:
     evens = int.from_bytes(b"\x55" * ((ndata + 3) // 4), "little")
     low = value & evens
     high = (value >> 1) & evens
-    if want == DINODE:
-        mask = low & high
-    else:  # UNLINKED
-        mask = high & ~low
+    mask = low & high if want == DINODE else high & ~low  # else UNLINKED
     out = []
     while mask:
         bit = mask & -mask
@@ -53,8 +50,10 @@ def _state_positions(bitmap: bytes, ndata: int, want: int) -> list[int]:
 
 
 def dinode_candidates(fsck: Fsck) -> list[int]:
-    """Blocks the bitmaps mark DINODE or UNLINKED, plus the superblock's two roots."""
+    """Blocks the bitmaps mark DINODE or UNLINKED, plus every system inode (whatever
+    its bitmap says, so a system dinode wrongly marked free is still checked)."""
     found = {fsck.sb.master_dir.addr, fsck.sb.root_dir.addr}
+    found.update(a for a in fsck.system.values() if fsck.rgrp_of(a) is not None)
     for rg in fsck.rgrps:
         for state in (DINODE, 2):
             for n in _state_positions(rg.bitmap, rg.entry.data, state):
@@ -76,7 +75,10 @@ async def pass1(fsck: Fsck) -> None:
             ino = _decode(fsck, addr, block, names.get(addr))
             if ino is not None:
                 fsck.inodes[addr] = ino
-                await check_inode(fsck, ino)
+                try:
+                    await check_inode(fsck, ino)
+                except FormatError as e:  # a structure the checks above did not foresee
+                    fsck.report.problem("undecodable", ino.label, f"cannot decode: {e}")
 
 
 def _decode(fsck: Fsck, addr: int, block: bytes, name: str | None) -> Inode | None:
@@ -84,7 +86,7 @@ def _decode(fsck: Fsck, addr: int, block: bytes, name: str | None) -> Inode | No
     t = peek_type(block)
     if t != METATYPE_DI:
         found = "no metadata header" if t is None else f"a {type_name(t)} block"
-        fsck.report.problem("not a dinode", label, f"marked as a dinode but holds {found}")
+        fsck.report.problem("not a dinode", label, f"is not a dinode: the block holds {found}")
         fsck.bad_dinodes.add(addr)
         return None
     try:
@@ -119,7 +121,11 @@ async def check_inode(fsck: Fsck, ino: Inode) -> None:
         need = geo.max_height + 1
     if di.height < need:
         report.problem("dinode", ino.label, f"height {di.height} cannot hold size {di.size}")
-    for what, nsec in (("atime", di.atime_nsec), ("mtime", di.mtime_nsec), ("ctime", di.ctime_nsec)):
+    for what, nsec in (
+        ("atime", di.atime_nsec),
+        ("mtime", di.mtime_nsec),
+        ("ctime", di.ctime_nsec),
+    ):
         if nsec >= _NSEC_LIMIT:
             report.problem("dinode", ino.label, f"{what} nanoseconds {nsec} out of range")
     if not di.flags & DIF_SYSTEM and not (geo.sb_block < di.goal_meta <= fsck.fs_blocks):

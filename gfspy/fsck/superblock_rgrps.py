@@ -59,7 +59,9 @@ async def load_superblock(device: Device, report: Report) -> Fsck:
     except DeviceError as e:
         raise OperationalError(f"{device.name}: cannot read the superblock: {e}") from None
     if int.from_bytes(raw[:4], "big") != GFS2_MAGIC or peek_type(raw) != METATYPE_SB:
-        raise OperationalError(f"{device.name}: not a GFS2 filesystem (no superblock at byte {SB_OFFSET})")
+        raise OperationalError(
+            f"{device.name}: not a GFS2 filesystem (no superblock at byte {SB_OFFSET})"
+        )
     try:
         sb = Superblock.unpack(raw)
     except FormatError as e:
@@ -152,7 +154,9 @@ async def load_rindex(fsck: Fsck) -> list[RindexEntry]:
     master = await fsck.reader.block(sb.master_dir.addr)
     addr = (await quick_listing(fsck, master)).get(b"rindex")
     if addr is None or not fsck.reader.in_device(addr):
-        fsck.report.problem("rindex", where, "no usable 'rindex' entry; cannot locate resource groups")
+        fsck.report.problem(
+            "rindex", where, "no usable 'rindex' entry; cannot locate resource groups"
+        )
         raise CheckAborted
     block = await fsck.reader.block(addr)
     label = f"rindex (inode {addr})"

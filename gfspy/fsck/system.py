@@ -17,11 +17,11 @@ from gfspy.fsck.superblock_rgrps import quick_listing
 from gfspy.fsck.trees import read_data
 from gfspy.ondisk.constants import (
     DIF_SYSTEM,
+    DINODE_SIZE,
     INUM_RANGE_SIZE,
     METATYPE_QC,
     QUOTA_ENTRY_SIZE,
     STATFS_CHANGE_SIZE,
-    DINODE_SIZE,
 )
 from gfspy.ondisk.meta import peek_type, type_name
 from gfspy.ondisk.statfs import StatfsChange
@@ -98,23 +98,29 @@ def check_system(fsck: Fsck) -> list[tuple[int, Inode]]:
     for name, size in sizes.items():
         ino = files[name]
         if ino is not None and ino.dinode.size != size:
-            fsck.report.problem("system file", ino.label, f"size is {ino.dinode.size}, expected {size}")
+            fsck.report.problem(
+                "system file", ino.label, f"size is {ino.dinode.size}, expected {size}"
+            )
     quota = files[b"quota"]
     if quota is not None and quota.dinode.size % QUOTA_ENTRY_SIZE:
         fsck.report.problem(
-            "system file", quota.label, f"size {quota.dinode.size} is not a multiple of {QUOTA_ENTRY_SIZE}"
+            "system file",
+            quota.label,
+            f"size {quota.dinode.size} is not a multiple of {QUOTA_ENTRY_SIZE}",
         )
     journals: list[tuple[int, Inode]] = []
+    named = 0
     jindex = files[b"jindex"]
     if jindex is not None:
-        journals = _check_jindex(fsck, jindex, bs)
+        named, journals = _check_jindex(fsck, jindex, bs)
     per_node = files[b"per_node"]
-    if per_node is not None:
-        _check_per_node(fsck, per_node, len(journals))
+    if per_node is not None and jindex is not None:
+        _check_per_node(fsck, per_node, named)
     return journals
 
 
-def _check_jindex(fsck: Fsck, jindex: Inode, bs: int) -> list[tuple[int, Inode]]:
+def _check_jindex(fsck: Fsck, jindex: Inode, bs: int) -> tuple[int, list[tuple[int, Inode]]]:
+    """Journal names and files; returns (journals named, usable journals in order)."""
     report = fsck.report
     numbered: dict[int, int] = {}
     for name, addr in _entries(jindex).items():
@@ -126,7 +132,7 @@ def _check_jindex(fsck: Fsck, jindex: Inode, bs: int) -> list[tuple[int, Inode]]
         numbered[int(m.group(1))] = addr
     if not numbered:
         report.problem("jindex", jindex.label, "holds no journals")
-        return []
+        return 0, []
     count = len(numbered)
     missing = [j for j in range(count) if j not in numbered]
     if missing:
@@ -145,8 +151,9 @@ def _check_jindex(fsck: Fsck, jindex: Inode, bs: int) -> list[tuple[int, Inode]]
         size = ino.dinode.size
         if size % bs or not JOURNAL_MIN <= size <= JOURNAL_MAX:
             report.problem(
-                "journal", ino.label, f"journal size {size} is not a whole number of blocks "
-                f"between 8 MiB and 1 GiB"
+                "journal",
+                ino.label,
+                f"journal size {size} is not a whole number of blocks between 8 MiB and 1 GiB",
             )
             continue
         if ino.data_blocks != size // bs:
@@ -157,7 +164,7 @@ def _check_jindex(fsck: Fsck, jindex: Inode, bs: int) -> list[tuple[int, Inode]]
             )
             continue
         journals.append((j, ino))
-    return journals
+    return count, journals
 
 
 def _check_per_node(fsck: Fsck, per_node: Inode, journals: int) -> None:
@@ -180,7 +187,9 @@ def _check_per_node(fsck: Fsck, per_node: Inode, journals: int) -> None:
             if ino is None:
                 continue
             if not rule(ino.dinode.size):
-                report.problem("per_node", ino.label, f"size {ino.dinode.size} is wrong for {name.decode()}")
+                report.problem(
+                    "per_node", ino.label, f"size {ino.dinode.size} is wrong for {name.decode()}"
+                )
             if prefix == b"quota_change":
                 fsck.quota_change.append(ino)
 
@@ -211,6 +220,11 @@ async def check_statfs(fsck: Fsck) -> None:
         raw = ino.block[DINODE_SIZE : DINODE_SIZE + STATFS_CHANGE_SIZE]
     else:
         raw = await read_data(fsck, ino.data_runs, STATFS_CHANGE_SIZE)
+    if len(raw) < STATFS_CHANGE_SIZE:
+        fsck.report.problem(
+            "statfs", ino.label, f"holds {len(raw)} of its {STATFS_CHANGE_SIZE} bytes"
+        )
+        return
     have = StatfsChange.unpack(raw)
     total = free = dinodes = 0
     for rg in fsck.rgrps:
@@ -227,5 +241,7 @@ async def check_statfs(fsck: Fsck) -> None:
     ):
         if on_disk != real:
             fsck.report.problem(
-                "statfs", ino.label, f"statfs {what} is {on_disk} but the resource groups have {real}"
+                "statfs",
+                ino.label,
+                f"statfs {what} is {on_disk} but the resource groups have {real}",
             )

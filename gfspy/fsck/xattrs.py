@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 def _type_problem(fsck: Fsck, ino: Inode, block: int, want: str, data: bytes | None) -> None:
     t = peek_type(data) if data is not None else None
     found = "no metadata header" if t is None else type_name(t)
-    fsck.report.problem("bad block type", ino.label, f"block {block} should be {want} but has {found}")
+    fsck.report.problem(
+        "bad block type", ino.label, f"block {block} should be {want} but has {found}"
+    )
 
 
 async def check_xattrs(fsck: Fsck, ino: Inode) -> int:
@@ -87,7 +89,9 @@ async def _check_ea_block(fsck: Fsck, ino: Inode, blockno: int, data: bytes | No
             if rec.name_len == 0:
                 fsck.report.problem("xattr", where, f"record at offset {offset} has no name")
             if rec.type > max_type:
-                fsck.report.problem("xattr", where, f"record at offset {offset} has type {rec.type}")
+                fsck.report.problem(
+                    "xattr", where, f"record at offset {offset} has type {rec.type}"
+                )
             if rec.data_len > EA_MAX_DATA_LEN:
                 fsck.report.problem(
                     "xattr", where, f"record at offset {offset} has a {rec.data_len}-byte value"

@@ -11,7 +11,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from gfspy.ondisk.constants import LOG_DESCRIPTOR_SIZE
-from gfspy.ondisk.journal import LogDescriptor, LogHeader, escape_jdata, pack_revokes
+from gfspy.ondisk.journal import (
+    LogDescriptor,
+    LogHeader,
+    escape_jdata,
+    pack_revokes,
+    revoke_blocks_needed,
+)
 
 
 @dataclass(slots=True)
@@ -22,6 +28,16 @@ class LogBody:
     #: In-place block -> index in `blocks` of its copy.
     copies: dict[int, int] = field(default_factory=dict)
     revokes: list[int] = field(default_factory=list)
+
+
+def log_blocks_needed(bsize: int, jdata: int, metadata: int, revokes: int) -> int:
+    """Log blocks (descriptors, copies and the header) a transaction will take."""
+    pairs_per_ld = (bsize - LOG_DESCRIPTOR_SIZE) // 16
+    ptrs_per_ld = (bsize - LOG_DESCRIPTOR_SIZE) // 8
+    total = jdata + -(-jdata // pairs_per_ld) + metadata + -(-metadata // ptrs_per_ld) + 1
+    if revokes:
+        total += revoke_blocks_needed(bsize, revokes)
+    return total
 
 
 def _chunks(items: list[int], size: int) -> list[list[int]]:

@@ -35,13 +35,16 @@ from gfspy.journal.extent import (
     JournalExtents,
     JournalLayoutError,
     map_journal,
+    read_log_blocks,
     write_log_blocks,
 )
-from gfspy.journal.layout import LogBody, build_log_body, build_log_header
+from gfspy.journal.layout import LogBody, build_log_body, build_log_header, log_blocks_needed
 from gfspy.journal.locate import locate_journal
+from gfspy.journal.replay import recover_journal
 from gfspy.journal.scan import scan_journal
 from gfspy.journal.transaction import Transaction
 from gfspy.ondisk.constants import LFC_SHUTDOWN, LH_FLUSH_NORMAL, LH_UNMOUNT
+from gfspy.ondisk.journal import LogHeader
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +109,8 @@ class Journal:
         self._txn_items: dict[int, int] = {}  # txn start -> AIL items (ascending keys)
         self._logged_at: dict[int, int] = {}  # block -> position of its newest copy
         self._lock = trio.Lock()
+        self._running = Transaction(self.bsize)  # merged by add(), written by flush()
+        self._running_hooks: list[OrderedHook] = []
         self._failed: BaseException | None = None
         self._closed = False
         #: Counters for tests and the admin tool.
@@ -144,6 +149,10 @@ class Journal:
                 f"{name}: dirty (head at block {scan.head.position}, sequence "
                 f"{scan.head.sequence}); replay it before writing"
             )
+        # Statfs deltas not yet folded into the master survive a clean unmount in the
+        # head header; carry them on so every later header still holds the full sum.
+        (head_block,) = await read_log_blocks(device, extents, scan.head.position, 1)
+        head = LogHeader.unpack(head_block)
         log.info(
             "%s: opened, head at block %d, sequence %d",
             name,
@@ -158,6 +167,7 @@ class Journal:
             head_position=scan.head.position,
             statfs_addr=statfs_addr,
             quota_addr=quota_addr,
+            statfs_local=(head.local_total, head.local_free, head.local_dinodes),
         )
 
     # ----------------------------------------------------------------- queries
@@ -196,6 +206,28 @@ class Journal:
         """Log blocks a commit may use now without a checkpoint (one block is kept
         back so a checkpoint can always write its header)."""
         return self._disk_tail + self._size - self._head - 1
+
+    def used_fraction(self) -> float:
+        """How much of the ring holds log that replay may still need."""
+        return (self._head - self._disk_tail) / self._size
+
+    async def run_log_daemon(self, *, interval: float = 1.0, ail_threshold: float = 0.5) -> None:
+        """Background duty, like the kernel's log daemon and buffer write-back: every
+        `interval` seconds commit the running transaction and write the AIL back in
+        place; once the log is more than `ail_threshold` full also write a header
+        that moves the tail, so commits seldom wait for a forced checkpoint.
+        Returns when the journal is unmounted or withdrawn; run it in a nursery."""
+        while True:
+            await trio.sleep(interval)
+            if self._closed or self._failed is not None:
+                return
+            try:
+                await self.flush(flags=LH_FLUSH_NORMAL)
+                await self.write_back()
+                if self.used_fraction() > ail_threshold:
+                    await self.checkpoint()
+            except JournalError:
+                return  # unmounted or withdrawn meanwhile; the caller sees why
 
     # ------------------------------------------------------------------ helpers
 
@@ -269,16 +301,70 @@ class Journal:
             del self._txn_items[item.txn_start]
 
     async def _guarded(self, work: Awaitable[None]) -> None:
-        """Run one write sequence; any failure withdraws the journal, because what
-        reached the disk is no longer known."""
-        try:
-            await work
-        except BaseException as e:
-            self._failed = e
-            log.error("%s: withdrawn: %r", self.name, e)
-            raise
+        """Run one write sequence to its end, shielded from cancellation (an
+        interrupted FUSE request must not leave the log half-updated); any failure
+        withdraws the journal, because what reached the disk is no longer known."""
+        with trio.CancelScope(shield=True):
+            try:
+                await work
+            except BaseException as e:
+                self._failed = e
+                log.error("%s: withdrawn: %r", self.name, e)
+                raise
 
     # ------------------------------------------------------------------ commits
+
+    def _check_blocks(self, txn: Transaction) -> None:
+        if txn.bsize != self.bsize:
+            raise ValueError(f"transaction block size {txn.bsize} != journal {self.bsize}")
+        dev_blocks = self.device.size // self.bsize
+        beyond = [b for b in txn.blocks | txn.revokes if b >= dev_blocks]
+        if beyond:
+            raise ValueError(f"{self.name}: block {min(beyond)} is beyond the device")
+
+    def _log_size(self, txn: Transaction) -> int:
+        return log_blocks_needed(self.bsize, len(txn.jdata), len(txn.metadata), len(txn.revokes))
+
+    async def add(self, txn: Transaction, *, ordered: OrderedHook | None = None) -> None:
+        """Merge `txn` into the running transaction without writing anything.
+
+        It becomes durable with the next `flush` (or `commit`, `sync_blocks`,
+        `checkpoint`, `clean_unmount`): many small filesystem operations then share
+        one log write and its two device flushes. `ordered` hooks accumulate and all
+        run before that flush's commit header. When the running transaction would
+        grow past half the journal it is flushed first, so it always fits.
+        """
+        self._check_blocks(txn)
+        self._check_usable()
+        if self._running and self._log_size(self._running) + self._log_size(txn) > self._size // 2:
+            await self.flush()
+        self._running.merge(txn)
+        if ordered is not None:
+            self._running_hooks.append(ordered)
+
+    def pending_image(self, blkno: int) -> bytes | None:
+        """The image of `blkno` in the running (not yet durable) transaction."""
+        return self._running.metadata.get(blkno) or self._running.jdata.get(blkno)
+
+    async def flush(self, *, flags: int = LH_FLUSH_NORMAL) -> int:
+        """Commit the running transaction (see `commit`); return the sequence of the
+        newest header. Concurrent callers share one commit: whoever finds the running
+        transaction already written by another caller returns at once."""
+        async with self._lock:
+            self._check_usable()
+            return await self._flush_locked(flags)
+
+    async def _flush_locked(self, flags: int) -> int:
+        txn, hooks = self._running, self._running_hooks
+        if not txn and not hooks:
+            return self._next_sequence - 1
+        self._running, self._running_hooks = Transaction(self.bsize), []
+
+        async def run_hooks() -> None:
+            for hook in hooks:
+                await hook()
+
+        return await self._commit_txn_locked(txn, run_hooks if hooks else None, flags)
 
     async def commit(
         self,
@@ -287,7 +373,8 @@ class Journal:
         ordered: OrderedHook | None = None,
         flags: int = LH_FLUSH_NORMAL,
     ) -> int:
-        """Write `txn` to the log and make it durable; return its header's sequence.
+        """Write `txn` (with anything added before it) to the log and make it durable;
+        return its header's sequence.
 
         Layout: [JDATA descriptors + escaped copies][METADATA descriptors + copies,
         sorted][REVOKE descriptor + continuation blocks], flush, then one header,
@@ -296,11 +383,8 @@ class Journal:
         written in place, so the header can never be durable before the data it
         describes. A commit that does not fit checkpoints first.
         """
-        if txn.bsize != self.bsize:
-            raise ValueError(f"transaction block size {txn.bsize} != journal {self.bsize}")
-        async with self._lock:
-            self._check_usable()
-            return await self._commit_txn_locked(txn, ordered, flags)
+        await self.add(txn, ordered=ordered)
+        return await self.flush(flags=flags)
 
     async def _commit_txn_locked(
         self, txn: Transaction, ordered: OrderedHook | None, flags: int
@@ -391,9 +475,12 @@ class Journal:
         log space becomes reusable and nothing is left to replay."""
         async with self._lock:
             self._check_usable()
+            await self._flush_locked(LH_FLUSH_NORMAL)
             await self._guarded(self._checkpoint_locked())
 
     async def _checkpoint_locked(self) -> None:
+        # Never flushes the running transaction: a forced checkpoint runs in the
+        # middle of a commit, and what was added since must be committed after it.
         await self._write_back_locked(None)
         self.checkpoints += 1
         if self._disk_tail != self._last_header:
@@ -407,6 +494,7 @@ class Journal:
         wanted = set(blocks)
         async with self._lock:
             self._check_usable()
+            await self._flush_locked(LH_FLUSH_NORMAL)
 
             async def work() -> None:
                 await self._write_back_locked(wanted)
@@ -424,6 +512,7 @@ class Journal:
         flush: the journal is clean and the filesystem consistent in place."""
         async with self._lock:
             self._check_usable()
+            await self._flush_locked(LH_FLUSH_NORMAL)
 
             async def work() -> None:
                 await self._write_back_locked(None)
@@ -436,8 +525,14 @@ class Journal:
             log.info("%s: clean unmount at block %d", self.name, self._last_header % self._size)
 
 
-async def open_journal(device: Device, jid: int) -> Journal:
-    """Open journal `jid` of the filesystem on `device`, finding its files by name."""
+async def open_journal(device: Device, jid: int, *, replay_if_dirty: bool = False) -> Journal:
+    """Open journal `jid` of the filesystem on `device`, finding its files by name.
+
+    With `replay_if_dirty` (what mount does for its own journal) a dirty journal is
+    first replayed, folding its statfs deltas as the kernel does.
+    """
+    if replay_if_dirty:
+        await recover_journal(device, jid)
     files = await locate_journal(device, jid)
     return await Journal.open(
         device,

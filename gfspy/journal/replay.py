@@ -24,8 +24,14 @@ from dataclasses import dataclass
 from typing import Literal
 
 from gfspy.blockdev.device import Device
-from gfspy.journal.extent import JournalExtents, read_log_blocks, write_log_blocks
+from gfspy.journal.extent import (
+    JournalExtents,
+    map_journal,
+    read_log_blocks,
+    write_log_blocks,
+)
 from gfspy.journal.layout import build_log_header
+from gfspy.journal.locate import locate_journal
 from gfspy.journal.scan import HeaderRecord, scan_journal
 from gfspy.ondisk.constants import (
     DINODE_SIZE,
@@ -144,7 +150,7 @@ async def replay_journal(
         head.sequence,
     )
     copies, revoked = await _pass0(device, extents, tail, region, jname)
-    result.revokes = sum(1 for _ in revoked)
+    result.revokes = len(revoked)
 
     latest: dict[int, _Copy] = {}
     for copy in copies:
@@ -340,3 +346,31 @@ async def _pass0(
             raise ReplayError(f"{jname}: descriptor at block {pos} has unknown type {ld.ld_type}")
         offset += ld.length
     return copies, revoked
+
+
+async def recover_journal(
+    device: Device,
+    jid: int,
+    *,
+    recovery: bool = False,
+    header_style: HeaderStyle = "kernel",
+    fold_statfs: bool = True,
+) -> ReplayResult:
+    """Find journal `jid` of the filesystem on `device` by name and replay it if dirty.
+
+    The entry point for mount (own journal, `recovery=False`) and for a survivor
+    recovering a dead node (`recovery=True`, only after that node is fenced and its
+    journal lock is held). gfspy-fsck passes header_style="fsck", fold_statfs=False
+    to do exactly what fsck.gfs2 does.
+    """
+    files = await locate_journal(device, jid)
+    extents = await map_journal(device, files.bsize, files.journal)
+    statfs = StatfsFiles(files.master_statfs, files.statfs_change) if fold_statfs else None
+    return await replay_journal(
+        device,
+        extents,
+        jid=jid,
+        recovery=recovery,
+        header_style=header_style,
+        statfs=statfs,
+    )

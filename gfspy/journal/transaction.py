@@ -89,6 +89,19 @@ class Transaction:
         self.statfs_delta[1] += free
         self.statfs_delta[2] += dinodes
 
+    def merge(self, later: Transaction) -> None:
+        """Fold a later transaction into this one, as if its changes had been made
+        here afterwards (group commit: many small transactions, one log write)."""
+        if later.bsize != self.bsize:
+            raise TransactionError(f"block size {later.bsize} != {self.bsize}")
+        for blkno in later.revokes:
+            self.revoke(blkno)
+        for blkno, image in later.jdata.items():
+            self.add_jdata(blkno, image)
+        for blkno, image in later.metadata.items():
+            self.add_metadata(blkno, image)
+        self.change_statfs(*later.statfs_delta)
+
     @property
     def blocks(self) -> set[int]:
         """Every in-place block this transaction writes."""

@@ -96,6 +96,7 @@ class BlockTree:
     height: int = 0
     root: list[int] = field(default_factory=list)  # the dinode's pointers (diptrs long)
     indirect: dict[int, list[int]] = field(default_factory=dict)
+    mapped: dict[int, int] = field(default_factory=dict)  # logical -> device block
     last_allocated: int = 0  # becomes di_goal_meta, as libgfs2's meta_alloc records it
 
     def _alloc(self, alloc: Allocator) -> int:
@@ -125,7 +126,10 @@ class BlockTree:
             self.height += 1
 
     def map_new(self, lblock: int, alloc: Allocator) -> int:
-        """Allocate logical block `lblock` (and any indirect block on its path)."""
+        """Map logical block `lblock`, allocating it and any indirect block on its path
+        that is missing (libgfs2's block_map with create)."""
+        if lblock in self.mapped:
+            return self.mapped[lblock]
         unit = self.geom.jbsize if self.is_dir else self.geom.bsize
         self._grow_to(max(1, self._height_for((lblock + 1) * unit)), alloc)
         path = []
@@ -142,6 +146,7 @@ class BlockTree:
                 if level + 1 < self.height:
                     self.indirect[block] = [0] * self.geom.inptrs
             if level + 1 == self.height:
+                self.mapped[lblock] = pointers[index]
                 return pointers[index]
             pointers = self.indirect[pointers[index]]
         raise AssertionError("unreachable: tree of height 0")
@@ -152,7 +157,9 @@ class BlockTree:
         return len(self.indirect)
 
 
-def contiguous_tree(geom: Geometry, first: int, data_blocks: int) -> tuple[int, dict[int, list[int]], list[int]]:
+def contiguous_tree(
+    geom: Geometry, first: int, data_blocks: int
+) -> tuple[int, dict[int, list[int]], list[int]]:
     """Metadata of a file laid out as one extent: dinode at `first`, then the indirect
     blocks level by level, then the data. Returns (height, indirect blocks, root pointers).
 

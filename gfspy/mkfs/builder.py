@@ -26,7 +26,6 @@ from gfspy.ondisk.constants import (
     FORMAT_QU,
     FORMAT_RI,
     META_HEADER_SIZE,
-    METATYPE_IN,
     METATYPE_QC,
     METATYPE_RB,
     QUOTA_ENTRY_SIZE,
@@ -39,7 +38,14 @@ from gfspy.ondisk.superblock import Superblock
 from .alloc import Allocator, BlockTree, contiguous_tree
 from .dirs import Directory
 from .geometry import Layout, RgrpSpan
-from .records import DinodeFields, pack_dinode_into, pack_rgrp_header_into, pack_rindex_entry
+from .records import (
+    RINDEX_ENTRY,
+    DinodeFields,
+    pack_dinode_into,
+    pack_indirect_block,
+    pack_rgrp_header_into,
+    pack_rindex_entry,
+)
 
 DIF_EXHASH = 0x2
 
@@ -152,7 +158,9 @@ class _Builder:
     def _make_dir(self, inode: _Inode, parent: Inum) -> None:
         inode.fields.flags |= DIF_JDATA
         inode.fields.nlink = 2
-        inode.directory = Directory(self.geom, inode.fields.addr, inode.fields.formal, (parent.formal, parent.addr))
+        inode.directory = Directory(
+            self.geom, inode.fields.addr, inode.fields.formal, (parent.formal, parent.addr)
+        )
 
     def _create(self, parent: _Inode, name: str, mode: int, flags: int, label: str) -> _Inode:
         """Allocate a dinode and link it into `parent`, as libgfs2's createi does."""
@@ -163,16 +171,25 @@ class _Builder:
             parent.fields.nlink += 1
         assert parent.directory is not None
         parent.directory.add(
-            name.encode(), inode.fields.formal, inode.fields.addr, DT_DIR if is_dir else DT_REG, self.alloc
+            name.encode(),
+            inode.fields.formal,
+            inode.fields.addr,
+            DT_DIR if is_dir else DT_REG,
+            self.alloc,
         )
         return inode
 
-    def _write_data(self, inode: _Inode, data: bytes) -> None:
-        """Give a new regular file its contents, stuffed or through a block tree."""
+    def _write_data(self, inode: _Inode, data: bytes, scratch: int = 0) -> None:
+        """Give a new regular file its contents, stuffed or through a block tree.
+
+        `scratch` zero bytes are written after the data without counting in di_size:
+        mkfs.gfs2 does that to rindex, which can unstuff it or give it one more block.
+        """
         inode.fields.size = len(data)
-        if len(data) <= self.geom.bsize - DINODE_SIZE:
+        if len(data) + scratch <= self.geom.bsize - DINODE_SIZE:
             inode.payload = data
             return
+        data += bytes(scratch)
         tree = BlockTree(self.geom)
         bsize = self.geom.bsize
         for lblock in range((len(data) + bsize - 1) // bsize):
@@ -187,29 +204,43 @@ class _Builder:
         layout, geom = self.layout, self.geom
         journals = self._place_journals()
 
-        master = self._new_inode(self.alloc.allocate_dinode(), stat.S_IFDIR | 0o755, DIF_SYSTEM, "master")
+        master = self._new_inode(
+            self.alloc.allocate_dinode(), stat.S_IFDIR | 0o755, DIF_SYSTEM, "master"
+        )
         self._make_dir(master, master.inum)
 
         jindex = self._create(master, "jindex", stat.S_IFDIR | 0o700, DIF_SYSTEM, "jindex")
         assert jindex.directory is not None
         for plan in journals:
             jindex.directory.add(
-                f"journal{plan.index}".encode(), plan.inum.formal, plan.inum.addr, DT_REG, self.alloc
+                f"journal{plan.index}".encode(),
+                plan.inum.formal,
+                plan.inum.addr,
+                DT_REG,
+                self.alloc,
             )
 
         per_node = self._create(master, "per_node", stat.S_IFDIR | 0o700, DIF_SYSTEM, "per_node")
         qc_blocks = (self.opts.qc_mb << 20) // geom.bsize
         for j in range(layout.journals):
             reg = stat.S_IFREG | 0o600
-            ir = self._create(per_node, f"inum_range{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/inum_range{j}")
+            ir = self._create(
+                per_node, f"inum_range{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/inum_range{j}"
+            )
             ir.fields.size = 16
             ir.payload = bytes(16)
             sc = self._create(
-                per_node, f"statfs_change{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/statfs_change{j}"
+                per_node,
+                f"statfs_change{j}",
+                reg,
+                DIF_SYSTEM | DIF_JDATA,
+                f"per_node/statfs_change{j}",
             )
             sc.fields.size = 24
             sc.payload = bytes(24)
-            qc = self._create(per_node, f"quota_change{j}", reg, DIF_SYSTEM, f"per_node/quota_change{j}")
+            qc = self._create(
+                per_node, f"quota_change{j}", reg, DIF_SYSTEM, f"per_node/quota_change{j}"
+            )
             self._fill_quota_change(qc, qc_blocks)
 
         reg = stat.S_IFREG | 0o600
@@ -217,9 +248,10 @@ class _Builder:
         statfs_file = self._create(master, "statfs", reg, DIF_SYSTEM | DIF_JDATA, "statfs")
         rindex = self._create(master, "rindex", reg, DIF_SYSTEM | DIF_JDATA, "rindex")
         rindex.fields.payload_format = FORMAT_RI
-        self._write_data(
-            rindex, b"".join(pack_rindex_entry(rg.addr, rg.length, rg.data0, rg.data) for rg in layout.rgrps)
+        entries = b"".join(
+            pack_rindex_entry(rg.addr, rg.length, rg.data0, rg.data) for rg in layout.rgrps
         )
+        self._write_data(rindex, entries, scratch=RINDEX_ENTRY)
         quota = self._create(master, "quota", reg, DIF_SYSTEM | DIF_JDATA, "quota")
         quota.fields.payload_format = FORMAT_QU
         entry = struct.pack(">QQq", 0, 0, 1) + bytes(QUOTA_ENTRY_SIZE - 24)
@@ -232,7 +264,9 @@ class _Builder:
         total = layout.data_blocks
         self._write_data(
             statfs_file,
-            struct.pack(">qqq", total, total - self.alloc.blocks_allocated, self.alloc.dinodes_allocated),
+            struct.pack(
+                ">qqq", total, total - self.alloc.blocks_allocated, self.alloc.dinodes_allocated
+            ),
         )
 
         sb = Superblock(
@@ -296,7 +330,8 @@ class _Builder:
             d = inode.directory
             f.size = d.size
             f.entries = d.entries
-            f.blocks = 1 + len(d.leaves)
+            f.blocks = d.block_count
+            f.height = d.height
             f.goal_meta = d.last_allocated
             if d.hashed:
                 f.flags |= DIF_EXHASH
@@ -306,13 +341,13 @@ class _Builder:
                 f.payload_format = FORMAT_DE
             payload = d.payload()
             out.update(d.leaf_blocks())
+            out.update(d.table_blocks())
         elif inode.tree is not None:
             tree = inode.tree
             f.height = tree.height
             payload = b"".join(p.to_bytes(8, "big") for p in tree.root)
-            in_header = MetaHeader.for_type(METATYPE_IN).pack()
             for block, pointers in tree.indirect.items():
-                out[block] = in_header + b"".join(p.to_bytes(8, "big") for p in pointers)
+                out[block] = pack_indirect_block(pointers)
             if inode.data_blocks:  # journals count their blocks up front
                 f.blocks = 1 + tree.block_count + len(inode.data_blocks)
                 f.goal_meta = tree.last_allocated

@@ -84,33 +84,79 @@ def build_parser() -> argparse.ArgumentParser:
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("-O", dest="overwrite", action="store_true",
-                        help="overwrite an existing filesystem without asking")
-    parser.add_argument("-p", dest="lockproto", default="lock_dlm", metavar="LOCKPROTO",
-                        help="locking protocol: lock_dlm (default; needs -t) or lock_nolock")
-    parser.add_argument("-t", dest="locktable", default=None, metavar="CLUSTER:FSNAME",
-                        help="lock table: cluster name (1-32 chars) ':' filesystem name (1-30 "
-                        "chars), letters, digits, '-' and '_'")
-    parser.add_argument("-j", dest="journals", default="1", metavar="JOURNALS",
-                        help="number of journals, one per node that mounts (default 1)")
-    parser.add_argument("-J", dest="journal_mb", default=None, metavar="MB",
-                        help=f"journal size in MiB, {MIN_JOURNAL_MB}-{MAX_JOURNAL_MB} "
-                        "(default: chosen from the device size)")
-    parser.add_argument("-r", dest="rgsize_mb", default=str(DEFAULT_RGSIZE_MB), metavar="MB",
-                        help=f"resource group size in MiB, {MIN_RGSIZE_MB}-{MAX_RGSIZE_MB} "
-                        f"(default {DEFAULT_RGSIZE_MB})")
-    parser.add_argument("-b", dest="bsize", default=str(DEFAULT_BSIZE), metavar="BYTES",
-                        help=f"block size, a power of two 512-{MAX_BSIZE} (default {DEFAULT_BSIZE})")
-    parser.add_argument("-U", dest="uuid", default=None, metavar="UUID",
-                        help="filesystem UUID (default: random)")
-    parser.add_argument("-c", dest="qc_mb", default=str(DEFAULT_QCSIZE_MB), metavar="MB",
-                        help=f"size of each quota_change file in MiB, 1-{MAX_QCSIZE_MB} "
-                        f"(default {DEFAULT_QCSIZE_MB})")
-    parser.add_argument("-q", dest="quiet", action="store_true",
-                        help="print nothing (no summary, no progress)")
+    parser.add_argument(
+        "-O",
+        dest="overwrite",
+        action="store_true",
+        help="overwrite an existing filesystem without asking",
+    )
+    parser.add_argument(
+        "-p",
+        dest="lockproto",
+        default="lock_dlm",
+        metavar="LOCKPROTO",
+        help="locking protocol: lock_dlm (default; needs -t) or lock_nolock",
+    )
+    parser.add_argument(
+        "-t",
+        dest="locktable",
+        default=None,
+        metavar="CLUSTER:FSNAME",
+        help="lock table: cluster name (1-32 chars) ':' filesystem name (1-30 "
+        "chars), letters, digits, '-' and '_'",
+    )
+    parser.add_argument(
+        "-j",
+        dest="journals",
+        default="1",
+        metavar="JOURNALS",
+        help="number of journals, one per node that mounts (default 1)",
+    )
+    parser.add_argument(
+        "-J",
+        dest="journal_mb",
+        default=None,
+        metavar="MB",
+        help=f"journal size in MiB, {MIN_JOURNAL_MB}-{MAX_JOURNAL_MB} "
+        "(default: chosen from the device size)",
+    )
+    parser.add_argument(
+        "-r",
+        dest="rgsize_mb",
+        default=str(DEFAULT_RGSIZE_MB),
+        metavar="MB",
+        help=f"resource group size in MiB, {MIN_RGSIZE_MB}-{MAX_RGSIZE_MB} "
+        f"(default {DEFAULT_RGSIZE_MB})",
+    )
+    parser.add_argument(
+        "-b",
+        dest="bsize",
+        default=str(DEFAULT_BSIZE),
+        metavar="BYTES",
+        help=f"block size, a power of two 512-{MAX_BSIZE} (default {DEFAULT_BSIZE})",
+    )
+    parser.add_argument(
+        "-U", dest="uuid", default=None, metavar="UUID", help="filesystem UUID (default: random)"
+    )
+    parser.add_argument(
+        "-c",
+        dest="qc_mb",
+        default=str(DEFAULT_QCSIZE_MB),
+        metavar="MB",
+        help=f"size of each quota_change file in MiB, 1-{MAX_QCSIZE_MB} "
+        f"(default {DEFAULT_QCSIZE_MB})",
+    )
+    parser.add_argument(
+        "-q", dest="quiet", action="store_true", help="print nothing (no summary, no progress)"
+    )
     parser.add_argument("device", metavar="DEVICE", help="image file, block device or NBD URI")
-    parser.add_argument("blocks", metavar="BLOCKS", nargs="?", default=None,
-                        help="filesystem size in blocks (default: the whole device)")
+    parser.add_argument(
+        "blocks",
+        metavar="BLOCKS",
+        nargs="?",
+        default=None,
+        help="filesystem size in blocks (default: the whole device)",
+    )
     return parser
 
 
@@ -147,7 +193,9 @@ def check_lock_args(lockproto: str, locktable: str | None) -> str:
     if not 1 <= len(cluster) <= 32:
         raise UsageError(f"invalid lock table {locktable!r}: cluster name must be 1-32 characters")
     if not 1 <= len(fsname) <= 30:
-        raise UsageError(f"invalid lock table {locktable!r}: filesystem name must be 1-30 characters")
+        raise UsageError(
+            f"invalid lock table {locktable!r}: filesystem name must be 1-30 characters"
+        )
     return locktable
 
 
@@ -185,7 +233,10 @@ def _summary(device: str, device_bytes: int, fs: BuiltFilesystem) -> str:
         ("Device:", device),
         ("Block size:", str(layout.bsize)),
         ("Device size:", f"{device_bytes / gib:.2f} GB ({device_bytes // layout.bsize} blocks)"),
-        ("Filesystem size:", f"{layout.fs_size * layout.bsize / gib:.2f} GB ({layout.fs_size} blocks)"),
+        (
+            "Filesystem size:",
+            f"{layout.fs_size * layout.bsize / gib:.2f} GB ({layout.fs_size} blocks)",
+        ),
         ("Journals:", str(layout.journals)),
         ("Journal size:", f"{layout.journal_mb}MB"),
         ("Resource groups:", str(len(layout.rgrps))),
@@ -204,17 +255,21 @@ async def _run(args: argparse.Namespace, opts: MkfsOptions, numbers: dict[str, i
     try:
         dev = await open_device(args.device)
     except DeviceError as e:
-        raise Refused(f"cannot open {args.device}: {e.strerror or e}") from None
+        raise Refused(f"cannot open {e.strerror or args.device}") from None
     async with dev:
         bsize = numbers["bsize"]
         assert bsize is not None
         if bsize < dev.block_size:
-            raise Refused(f"block size {bsize} is smaller than the device's sector size {dev.block_size}")
+            raise Refused(
+                f"block size {bsize} is smaller than the device's sector size {dev.block_size}"
+            )
         probe_len = min(PROBE_BYTES, dev.size - dev.size % dev.block_size)
         head = await dev.read(0, probe_len) if probe_len > 0 else b""
         found = detect(head)
         if found and not args.overwrite:
-            raise Refused(f"{args.device} appears to contain an existing {found} filesystem; use -O to overwrite it")
+            raise Refused(
+                f"{args.device} appears to contain an existing {found} filesystem; use -O to overwrite it"
+            )
         try:
             layout = compute_layout(
                 device_bytes=dev.size,
@@ -250,7 +305,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, MkfsOptions, dic
         "journal_mb": None
         if args.journal_mb is None
         else _number(args.journal_mb, "journal size (-J)", MIN_JOURNAL_MB, MAX_JOURNAL_MB),
-        "rgsize_mb": _number(args.rgsize_mb, "resource group size (-r)", MIN_RGSIZE_MB, MAX_RGSIZE_MB),
+        "rgsize_mb": _number(
+            args.rgsize_mb, "resource group size (-r)", MIN_RGSIZE_MB, MAX_RGSIZE_MB
+        ),
         "bsize": _number(args.bsize, "block size (-b)", 512, MAX_BSIZE),
         "qc_mb": _number(args.qc_mb, "quota change size (-c)", 1, MAX_QCSIZE_MB),
         "blocks": None if args.blocks is None else _number(args.blocks, "BLOCKS", 1),
@@ -258,7 +315,9 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, MkfsOptions, dic
     bsize = numbers["bsize"]
     assert bsize is not None
     if bsize & (bsize - 1):
-        raise UsageError(f"block size (-b) must be a power of two between 512 and {MAX_BSIZE}, not {bsize}")
+        raise UsageError(
+            f"block size (-b) must be a power of two between 512 and {MAX_BSIZE}, not {bsize}"
+        )
     locktable = check_lock_args(args.lockproto, args.locktable)
     fs_uuid = None
     if args.uuid is not None:

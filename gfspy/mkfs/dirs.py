@@ -20,8 +20,14 @@ from gfspy.ondisk.constants import (
     Geometry,
 )
 
-from .alloc import Allocator
-from .records import dirent_size, pack_dirent_into, pack_leaf_header_into
+from .alloc import Allocator, BlockTree
+from .records import (
+    dirent_size,
+    pack_dirent_into,
+    pack_indirect_block,
+    pack_jd_block,
+    pack_leaf_header_into,
+)
 
 
 class DirectoryTooLarge(Exception):
@@ -90,6 +96,7 @@ class Directory:
         self.depth = 0
         self.table: list[int] = []
         self.leaves: dict[int, Leaf] = {}
+        self.table_tree: BlockTree | None = None  # once the hash table leaves the dinode
         self.last_allocated = addr
 
     @property
@@ -130,7 +137,9 @@ class Directory:
         self.table = [block] * self.geom.hash_ptrs
         self.depth = self.geom.hash_ptrs.bit_length() - 1
 
-    def _hashed_add(self, name: bytes, formal: int, addr: int, de_type: int, alloc: Allocator) -> None:
+    def _hashed_add(
+        self, name: bytes, formal: int, addr: int, de_type: int, alloc: Allocator
+    ) -> None:
         region = self.geom.bsize - LEAF_HEADER_SIZE
         h = name_hash(name)
         while True:
@@ -148,11 +157,36 @@ class Directory:
                 self._split(index & ~(span - 1), leaf_addr, alloc)
                 continue
             if self.depth < DIR_MAX_DEPTH:
-                raise DirectoryTooLarge(
-                    f"directory at block {self.addr} would need a hash table of depth "
-                    f"{self.depth + 1}, which does not fit in its dinode"
-                )
+                self._double_table(alloc)
+                continue
             raise DirectoryTooLarge(f"directory at block {self.addr} needs chained leaves")
+
+    def _double_table(self, alloc: Allocator) -> None:
+        """Double the hash table (every pointer twice), moving it out of the dinode
+        into JD blocks when it no longer fits, in the order libgfs2 writes it: the table
+        is rewritten in half-block pieces from the last piece down."""
+        geom = self.geom
+        old_size = 8 * len(self.table)
+        self.table = [block for block in self.table for _ in range(2)]
+        if self.table_tree is None and 2 * old_size > geom.bsize - DINODE_SIZE:
+            self.table_tree = BlockTree(geom, is_dir=True)
+            self._map_table_block(0, alloc)  # unstuffing copies the old table first
+        if self.table_tree is not None:
+            piece = geom.bsize // 2
+            for index in reversed(range(old_size // piece)):
+                start = index * geom.bsize
+                for lblock in range(
+                    start // geom.jbsize, (start + geom.bsize - 1) // geom.jbsize + 1
+                ):
+                    self._map_table_block(lblock, alloc)
+        self.depth += 1
+
+    def _map_table_block(self, lblock: int, alloc: Allocator) -> None:
+        assert self.table_tree is not None
+        before = self.table_tree.last_allocated
+        self.table_tree.map_new(lblock, alloc)
+        if self.table_tree.last_allocated != before:
+            self.last_allocated = self.table_tree.last_allocated
 
     def _split(self, start: int, old_addr: int, alloc: Allocator) -> None:
         region = self.geom.bsize - LEAF_HEADER_SIZE
@@ -199,11 +233,42 @@ class Directory:
             return self.geom.bsize - DINODE_SIZE
         return 8 * len(self.table)
 
+    @property
+    def height(self) -> int:
+        return 0 if self.table_tree is None else self.table_tree.height
+
+    @property
+    def block_count(self) -> int:
+        """di_blocks: the dinode, leaves, and the hash table's JD and indirect blocks."""
+        count = 1 + len(self.leaves)
+        if self.table_tree is not None:
+            count += len(self.table_tree.mapped) + len(self.table_tree.indirect)
+        return count
+
+    def _table_bytes(self) -> bytes:
+        return b"".join(block.to_bytes(8, "big") for block in self.table)
+
     def payload(self) -> bytes:
-        """What follows the dinode header: dirents, or the big-endian hash table."""
+        """What follows the dinode header: dirents, the hash table, or its pointers."""
         if self.linear is not None:
             return _pack_dirents(self.linear, self.geom.bsize - DINODE_SIZE)
-        return b"".join(block.to_bytes(8, "big") for block in self.table)
+        if self.table_tree is None:
+            return self._table_bytes()
+        return b"".join(p.to_bytes(8, "big") for p in self.table_tree.root)
+
+    def table_blocks(self) -> dict[int, bytes]:
+        """JD and indirect blocks of a hash table that left the dinode."""
+        tree = self.table_tree
+        if tree is None:
+            return {}
+        out = {}
+        table = self._table_bytes()
+        jb = self.geom.jbsize
+        for lblock, block in tree.mapped.items():
+            out[block] = pack_jd_block(self.geom.bsize, table[lblock * jb : (lblock + 1) * jb])
+        for block, pointers in tree.indirect.items():
+            out[block] = pack_indirect_block(pointers)
+        return out
 
     def leaf_blocks(self) -> dict[int, bytes]:
         """Encoded leaf blocks by address."""
@@ -234,7 +299,14 @@ def _pack_dirents(dirents: list[Dirent], region: int) -> bytes:
             )
         else:
             pack_dirent_into(
-                buf, offset, formal=0, addr=0, name_hash=0, rec_len=dent.rec_len, name=b"", de_type=0
+                buf,
+                offset,
+                formal=0,
+                addr=0,
+                name_hash=0,
+                rec_len=dent.rec_len,
+                name=b"",
+                de_type=0,
             )
         offset += dent.rec_len
     if offset != region:

@@ -183,9 +183,7 @@ def default_journal_blocks(bsize: int, blocks_per_journal: int) -> int | None:
     return 262144
 
 
-def choose_journal_mb(
-    bsize: int, fs_blocks: int, journals: int, journal_mb: int | None
-) -> int:
+def choose_journal_mb(bsize: int, fs_blocks: int, journals: int, journal_mb: int | None) -> int:
     """Journal size in MiB: the user's (checked against the device) or mkfs's default."""
     if journal_mb is None:
         blocks = default_journal_blocks(bsize, fs_blocks // journals)
@@ -233,7 +231,9 @@ def compute_layout(
     addr = SB_OFFSET // bsize + 1
     for _ in range(journals):
         if addr + jrg_len > fs_blocks:
-            raise GeometryError(f"device too small: journal resource groups end past block {fs_blocks}")
+            raise GeometryError(
+                f"device too small: journal resource groups end past block {fs_blocks}"
+            )
         spans.append((addr, jrg_len))
         addr += jrg_len
 

@@ -80,7 +80,9 @@ def journal_blocks(
             _LH_FIRST.pack_into(buf, off + 24, seq, MKFS_LH_FLAGS, 0, jblock)
             _LH_HASH.pack_into(buf, off + 44, zlib.crc32(buf[off : off + 44] + b"\0\0\0\0"))
             _LH_REST.pack_into(buf, off + 52, 0, 0, first_block + jblock, jinode)
-            crc = _crc_with_zero_tail(bytes(buf[off + _CRC_START : off + LOG_HEADER_SIZE]), tail_zeros)
+            crc = _crc_with_zero_tail(
+                bytes(buf[off + _CRC_START : off + LOG_HEADER_SIZE]), tail_zeros
+            )
             _LH_CRC.pack_into(buf, off + 48, crc)
             seq += 1
             if seq == nblocks:

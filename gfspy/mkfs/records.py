@@ -16,6 +16,8 @@ from gfspy.ondisk.constants import (
     DIRENT_HEADER_SIZE,
     FORMAT_DE,
     METATYPE_DI,
+    METATYPE_IN,
+    METATYPE_JD,
     METATYPE_LF,
     METATYPE_RG,
     RG_HEADER_SIZE,
@@ -24,10 +26,14 @@ from gfspy.ondisk.meta import MetaHeader
 
 # Everything after the 24-byte header, up to di_eattr and the nsec fields (offset 24..188).
 _DINODE_BODY = struct.Struct(">QQIIIIQQqqqIIQQQII2xH4x2xHI16xQIII")
-_RG_BODY = struct.Struct(">IIIIQQII")  # flags, free, dinodes, skip, igeneration, data0, data, bitbytes
+_RG_BODY = struct.Struct(
+    ">IIIIQQII"
+)  # flags, free, dinodes, skip, igeneration, data0, data, bitbytes
 _RINDEX = struct.Struct(">QI4xQII64x")
 _DIRENT = struct.Struct(">QQIHHH")  # inum, hash, rec_len, name_len, type (rahead/pad stay 0)
-_LEAF_BODY = struct.Struct(">HHIQQIIQ")  # depth, entries, dirent_format, next, inode, dist, nsec, sec
+_LEAF_BODY = struct.Struct(
+    ">HHIQQIIQ"
+)  # depth, entries, dirent_format, next, inode, dist, nsec, sec
 
 RINDEX_ENTRY = _RINDEX.size
 
@@ -106,7 +112,9 @@ def pack_rgrp_header_into(
 ) -> None:
     """Write an RG header (first 128 bytes of the rgrp's first block) with its CRC."""
     MetaHeader.for_type(METATYPE_RG).pack_into(buf, offset)
-    _RG_BODY.pack_into(buf, offset + MetaHeader.SIZE, 0, free, dinodes, skip, 0, data0, data, data // 4)
+    _RG_BODY.pack_into(
+        buf, offset + MetaHeader.SIZE, 0, free, dinodes, skip, 0, data0, data, data // 4
+    )
     view = memoryview(buf)[offset : offset + RG_HEADER_SIZE]
     view[64:RG_HEADER_SIZE] = bytes(RG_HEADER_SIZE - 64)
     struct.pack_into(">I", view, 64, rg_crc(view))
@@ -138,4 +146,18 @@ def pack_leaf_header_into(
 ) -> None:
     """Leaf header as mkfs.gfs2 writes it: no chain, lf_dist 0 (unknown), no timestamp."""
     MetaHeader.for_type(METATYPE_LF).pack_into(buf, offset)
-    _LEAF_BODY.pack_into(buf, offset + MetaHeader.SIZE, depth, entries, FORMAT_DE, 0, owner, 0, 0, 0)
+    _LEAF_BODY.pack_into(
+        buf, offset + MetaHeader.SIZE, depth, entries, FORMAT_DE, 0, owner, 0, 0, 0
+    )
+
+
+def pack_indirect_block(pointers: list[int]) -> bytes:
+    """An IN block: header then big-endian block pointers (the list fills the block)."""
+    header = MetaHeader.for_type(METATYPE_IN).pack()
+    return header + b"".join(p.to_bytes(8, "big") for p in pointers)
+
+
+def pack_jd_block(bsize: int, payload: bytes) -> bytes:
+    """A directory data block (here: a piece of the hash table) with its JD header."""
+    header = MetaHeader.for_type(METATYPE_JD).pack()
+    return header + payload + bytes(bsize - len(header) - len(payload))

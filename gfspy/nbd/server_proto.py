@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import enum
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from gfspy.nbd import wire
 from gfspy.nbd.wire import (
@@ -43,6 +45,9 @@ class State(enum.Enum):
     AWAIT_TLS = "await-tls"  # the application must run the TLS handshake
     TRANSMISSION = "transmission"
     DONE = "done"  # DISC, ABORT, refusal or violation: read nothing more
+
+
+Payload = bytes | bytearray | memoryview
 
 
 class _NeedData:
@@ -79,10 +84,14 @@ class AbortRequested:
 
 @dataclass(frozen=True)
 class Command:
-    """A valid request to execute; `payload` is the WRITE data."""
+    """A valid request to execute; `payload` is the WRITE data.
+
+    The payload is a memoryview over a buffer from the connection's `allocate_payload`,
+    so the application can hand it to the disk without another copy.
+    """
 
     request: wire.Request
-    payload: bytes = b""
+    payload: Payload = b""
 
 
 @dataclass(frozen=True)
@@ -92,6 +101,7 @@ class CommandRejected:
     request: wire.Request
     error: NbdErrno
     reason: str
+    payload: Payload = b""  # a rejected WRITE's data, only so its buffer can be reused
 
 
 @dataclass(frozen=True)
@@ -117,14 +127,15 @@ Event = (
     | ProtocolError
 )
 
-_KNOWN_CLIENT_FLAGS = ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES
+# Plain ints: `~` on an IntFlag only inverts the defined bits, hiding unknown ones.
+_KNOWN_CLIENT_FLAGS = int(ClientFlag.C_FIXED_NEWSTYLE | ClientFlag.C_NO_ZEROES)
 # Flags that each command accepts; FUA is accepted everywhere, as the spec requires.
 _ALLOWED_FLAGS: dict[int, int] = {
-    Cmd.READ: CmdFlag.FUA,
-    Cmd.WRITE: CmdFlag.FUA,
-    Cmd.FLUSH: CmdFlag.FUA,
-    Cmd.TRIM: CmdFlag.FUA,
-    Cmd.WRITE_ZEROES: CmdFlag.FUA | CmdFlag.NO_HOLE,
+    Cmd.READ: int(CmdFlag.FUA),
+    Cmd.WRITE: int(CmdFlag.FUA),
+    Cmd.FLUSH: int(CmdFlag.FUA),
+    Cmd.TRIM: int(CmdFlag.FUA),
+    Cmd.WRITE_ZEROES: int(CmdFlag.FUA | CmdFlag.NO_HOLE),
 }
 
 
@@ -137,7 +148,12 @@ class _Export:
 
 @dataclass
 class ServerConnection:
-    """One client connection as seen by the server."""
+    """One client connection as seen by the server.
+
+    `allocate_payload(n)` returns a writable buffer of at least n bytes for WRITE data;
+    while a payload is being received, `payload_receive_buffer` exposes the part still
+    missing so the I/O layer may receive straight into it.
+    """
 
     tls_mode: TLSMode = TLSMode.NONE
     state: State = State.AWAIT_CLIENT_FLAGS
@@ -148,15 +164,37 @@ class ServerConnection:
     _inbuf: bytearray = field(default_factory=bytearray)
     _outbuf: bytearray = field(default_factory=bytearray)
     _pending: ExportRequested | ListRequested | None = None
+    allocate_payload: Callable[[int], Any] = bytearray
+    _write: wire.Request | None = None  # a WRITE whose payload is still arriving
+    _payload: memoryview | None = None
+    _payload_filled: int = 0
 
     def __post_init__(self) -> None:
         self._outbuf += wire.encode_greeting()
 
     # --- I/O glue ---------------------------------------------------------------
 
-    def receive_data(self, data: bytes) -> None:
-        if self.state is not State.DONE:
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self.state is State.DONE:
+            return
+        if self._payload is not None:
+            take = min(len(data), len(self._payload) - self._payload_filled)
+            self._payload[self._payload_filled : self._payload_filled + take] = data[:take]
+            self._payload_filled += take
+            data = data[take:]
+        if data:
             self._inbuf += data
+
+    def payload_receive_buffer(self) -> memoryview | None:
+        """The still-empty tail of the WRITE payload being received, if any."""
+        if self._payload is None or self._payload_filled == len(self._payload):
+            return None
+        return self._payload[self._payload_filled :]
+
+    def payload_received(self, n: int) -> None:
+        """`n` bytes were received directly into `payload_receive_buffer()`."""
+        assert self._payload is not None and self._payload_filled + n <= len(self._payload)
+        self._payload_filled += n
 
     def data_to_send(self) -> bytes:
         out = bytes(self._outbuf)
@@ -349,6 +387,13 @@ class ServerConnection:
     # --- transmission -----------------------------------------------------------
 
     def _request(self) -> Event | _NeedData:
+        if self._write is not None:
+            assert self._payload is not None
+            if self._payload_filled < len(self._payload):
+                return NEED_DATA
+            req, payload = self._write, self._payload
+            self._write = self._payload = None
+            return self._command(req, payload)
         if len(self._inbuf) < wire.REQUEST_HEADER_SIZE:
             return NEED_DATA
         try:
@@ -356,17 +401,22 @@ class ServerConnection:
         except WireError as e:
             return self._fail(str(e))
         assert self.export is not None
-        payload = b""
-        if req.type == Cmd.WRITE:
-            if req.length > self.export.block_size.maximum:
-                return self._fail(f"WRITE payload of {req.length} bytes exceeds the maximum")
-            if len(self._inbuf) < wire.REQUEST_HEADER_SIZE + req.length:
-                return NEED_DATA
-            end = wire.REQUEST_HEADER_SIZE + req.length
-            payload = bytes(self._inbuf[wire.REQUEST_HEADER_SIZE : end])
-            del self._inbuf[:end]
-        else:
-            del self._inbuf[: wire.REQUEST_HEADER_SIZE]
+        del self._inbuf[: wire.REQUEST_HEADER_SIZE]
+        if req.type != Cmd.WRITE:
+            return self._command(req, b"")
+        if req.length > self.export.block_size.maximum:
+            return self._fail(f"WRITE payload of {req.length} bytes exceeds the maximum")
+        payload = memoryview(self.allocate_payload(req.length))[: req.length]
+        take = min(len(self._inbuf), req.length)
+        with memoryview(self._inbuf) as view:
+            payload[:take] = view[:take]
+        del self._inbuf[:take]
+        if take < req.length:
+            self._write, self._payload, self._payload_filled = req, payload, take
+            return NEED_DATA
+        return self._command(req, payload)
+
+    def _command(self, req: wire.Request, payload: Payload) -> Event:
         if req.type == Cmd.DISC:
             self.state = State.DONE
             self._inbuf.clear()
@@ -374,7 +424,7 @@ class ServerConnection:
         problem = self._validate(req)
         if problem is not None:
             error, reason = problem
-            return CommandRejected(req, error, reason)
+            return CommandRejected(req, error, reason, payload)
         return Command(req, payload)
 
     def _validate(self, req: wire.Request) -> tuple[NbdErrno, str] | None:

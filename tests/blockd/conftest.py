@@ -33,3 +33,6 @@ def start_blockd(tmp_path: Path) -> Iterator[Callable[..., BlockdProcess]]:
     yield start
     for server in started:
         server.stop()
+    for server in started:
+        log = server.log_text()
+        assert "Traceback" not in log and "internal error" not in log, log

@@ -13,7 +13,7 @@ from gfspy.nbd import wire
 from gfspy.nbd.wire import Cmd, CmdFlag, NbdErrno, Opt, Rep
 
 from .conftest import make_image
-from .harness import RawNbd
+from .harness import BlockdProcess, RawNbd
 
 SIZE = 1 << 20
 
@@ -37,9 +37,23 @@ def assert_still_serving(server) -> None:
     assert result.stdout.strip() == str(SIZE)
 
 
-@pytest.fixture
-def server(start_blockd, tmp_path):
-    return start_blockd({"disk": make_image(tmp_path / "disk.img", SIZE)})
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """One server for the whole module: "disk" must never be written, "rw" may be."""
+    workdir = tmp_path_factory.mktemp("bad-input")
+    exports = {
+        "disk": make_image(workdir / "disk.img", SIZE),
+        "rw": make_image(workdir / "rw.img", SIZE),
+    }
+    process = BlockdProcess(workdir / "blockd", exports)
+    process.start()
+    yield process
+    process.stop()
+    assert "Traceback" not in process.log_text()
+
+
+def pristine(server) -> bool:
+    return server.exports["disk"].read_bytes() == bytes(SIZE)
 
 
 @pytest.mark.timeout(60)
@@ -111,7 +125,7 @@ async def test_export_name_with_and_without_zero_padding(server):
 
 
 @pytest.mark.timeout(60)
-async def test_invalid_requests_get_nbd_errors_and_nothing_is_written(server, tmp_path):
+async def test_invalid_requests_get_nbd_errors_and_nothing_is_written(server):
     client = await RawNbd.connect(server.nbd_port)
     await client.open("disk")
     cases = [
@@ -119,6 +133,8 @@ async def test_invalid_requests_get_nbd_errors_and_nothing_is_written(server, tm
         (dict(cmd=Cmd.CACHE, length=512), NbdErrno.EINVAL),  # not advertised
         (dict(cmd=Cmd.BLOCK_STATUS, length=512), NbdErrno.EINVAL),
         (dict(cmd=Cmd.READ, length=512, flags=CmdFlag.DF), NbdErrno.EINVAL),  # bad flag
+        (dict(cmd=Cmd.READ, length=512, flags=1 << 9), NbdErrno.EINVAL),  # unknown flag
+        (dict(cmd=Cmd.WRITE_ZEROES, length=512, flags=CmdFlag.FAST_ZERO), NbdErrno.EINVAL),
         (dict(cmd=Cmd.READ, offset=1, length=512), NbdErrno.EINVAL),  # misaligned
         (dict(cmd=Cmd.READ, offset=SIZE, length=512), NbdErrno.EINVAL),  # past the end
         (dict(cmd=Cmd.READ, length=1 << 30), NbdErrno.EINVAL),  # above maximum payload
@@ -135,7 +151,7 @@ async def test_invalid_requests_get_nbd_errors_and_nothing_is_written(server, tm
     assert (await client.call(Cmd.READ, 0, 512, flags=CmdFlag.FUA))[0] == 0
     assert (await client.call(Cmd.FLUSH, flags=CmdFlag.FUA))[0] == 0
     await client.aclose()
-    assert (tmp_path / "disk.img").read_bytes() == bytes(SIZE)
+    assert pristine(server)
 
 
 @pytest.mark.timeout(60)
@@ -155,7 +171,7 @@ async def test_invalid_requests_get_nbd_errors_and_nothing_is_written(server, tm
         ),
     ],
 )
-async def test_broken_transmission_closes_only_that_connection(server, tmp_path, tail):
+async def test_broken_transmission_closes_only_that_connection(server, tail):
     client = await RawNbd.connect(server.nbd_port)
     await client.open("disk")
     await client.stream.send_all(tail)
@@ -163,13 +179,13 @@ async def test_broken_transmission_closes_only_that_connection(server, tmp_path,
         assert await closed_by_server(client)
     await client.aclose()
     assert_still_serving(server)
-    assert (tmp_path / "disk.img").read_bytes() == bytes(SIZE)
+    assert pristine(server)
 
 
 @pytest.mark.timeout(60)
-async def test_read_write_trim_zero_roundtrip_and_disc(server, tmp_path):
+async def test_read_write_trim_zero_roundtrip_and_disc(server):
     client = await RawNbd.connect(server.nbd_port)
-    await client.open("disk")
+    await client.open("rw")
     data = bytes(range(256)) * 16
     assert (await client.call(Cmd.WRITE, 4096, 4096, data, flags=CmdFlag.FUA))[0] == 0
     assert await client.call(Cmd.READ, 4096, 4096) == (0, data)
@@ -194,7 +210,7 @@ async def test_read_write_trim_zero_roundtrip_and_disc(server, tmp_path):
     assert all(error == 0 for error, _ in answers.values())
     await client.send_request(Cmd.DISC, 999, 0, 0)
     assert await closed_by_server(client)
-    image = (tmp_path / "disk.img").read_bytes()
+    image = server.exports["rw"].read_bytes()
     for cookie in range(100, 132):
         assert image[cookie * 4096 : (cookie + 1) * 4096] == bytes([cookie]) * 4096
 

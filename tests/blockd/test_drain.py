@@ -59,7 +59,8 @@ async def wait_for(predicate, what: str, timeout: float = 20) -> None:
 
 
 @pytest.mark.timeout(90)
-async def test_stuck_write_makes_fence_fail_and_later_writes_get_eperm(start_blockd, slow_disk):
+async def test_stuck_write_makes_fence_fail_and_later_writes_get_eperm(slow_disk, start_blockd):
+    # slow_disk comes first so that it is torn down last, after the server stopped.
     image, stall = slow_disk
     server = start_blockd({"disk": image}, "--drain-timeout", "1.5")
     client = await RawNbd.connect(server.nbd_port)

@@ -91,8 +91,7 @@ class Blockd:
     port: int = 0
     control_port: int = 0
     proc: subprocess.Popen | None = None
-    netns: str | None = None
-    log_lines: list[str] = field(default_factory=list)
+    extra_args: list[str] = field(default_factory=list)
 
     def start(self) -> Blockd:
         """Start (or restart on the same ports) and wait until it serves."""
@@ -110,7 +109,8 @@ class Blockd:
             "--control", f"{chost}:{self.control_port}",
             "--state", str(self.workdir / "state"),
             "--ready-file", str(ready),
-            "--log-level", "WARNING",
+            "--log-level", "INFO",
+            *self.extra_args,
         ]  # fmt: skip
         logf = open(self.workdir / "blockd.log", "ab")  # noqa: SIM115
         self.proc = subprocess.Popen(cmd, cwd=REPO, stdout=logf, stderr=logf)
@@ -131,11 +131,14 @@ class Blockd:
     def control(self) -> str:
         return f"{self.control_host or self.host}:{self.control_port}"
 
-    def uri(self, node: str | None = "node1") -> str:
+    def uri(self, node: str | None = "node1", *, scheme: str = "nbd", query: str = "") -> str:
         q = f"?control={self.control}"
         if node:
             q += f"&node={node}"
-        return f"nbd://{self.host}:{self.port}/{self.name}{q}"
+        return f"{scheme}://{self.host}:{self.port}/{self.name}{q}{query}"
+
+    def log_text(self) -> str:
+        return (self.workdir / "blockd.log").read_text(errors="replace")
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:

@@ -138,3 +138,39 @@ async def test_manual_failback_stays_on_the_surviving_path(two_servers):
         await dev.aclose()
     content = image.read_bytes()
     assert content[: 3 * BLOCK] == pattern(1) + pattern(2) + pattern(3)
+
+
+@pytest.mark.timeout(60)
+async def test_frozen_server_in_doubt_write_never_overwrites_a_newer_one(two_servers):
+    """§3.7: a write stuck in a frozen server must land before any newer write."""
+    import signal
+
+    image, a, b = two_servers
+    config = MultipathConfig(polling_interval=5.0, io_timeout=1.0, quiesce_timeout=30)
+    dev = await MultipathDevice.open([a.uri(), b.uri()], config)
+    try:
+        await dev.write(0, b"z" * BLOCK)
+        a.proc.send_signal(signal.SIGSTOP)
+        done: list[str] = []
+
+        async def write(tag: str, data: bytes) -> None:
+            await dev.write(10 * BLOCK, data)
+            done.append(tag)
+
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write, "old", b"o" * BLOCK)  # goes to frozen A: in doubt
+                await trio.sleep(1.5)
+                nursery.start_soon(write, "new", b"n" * BLOCK)  # must wait for the quiesce
+                assert await dev.read(0, BLOCK) == b"z" * BLOCK  # reads carry on via B
+                await trio.sleep(1.0)
+                assert done == []  # nothing written while A's session is not drained
+                a.proc.send_signal(signal.SIGCONT)  # A wakes up and lands its stale copy
+        finally:
+            a.proc.send_signal(signal.SIGCONT)
+        assert done == ["old", "new"]
+        assert await dev.read(10 * BLOCK, BLOCK) == b"n" * BLOCK
+        await dev.flush()
+    finally:
+        await dev.aclose()
+    assert image.read_bytes()[10 * BLOCK : 11 * BLOCK] == b"n" * BLOCK

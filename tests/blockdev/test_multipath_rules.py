@@ -55,7 +55,7 @@ async def test_path_whose_identity_changes_on_reconnect_is_refused(servers):
     dev = await MultipathDevice.open([a.uri(), b.uri()], MultipathConfig(polling_interval=0.3))
     try:
         await dev.write(0, b"x" * 4096)
-        a.stop()
+        await trio.to_thread.run_sync(a.stop)
         await wait_for(lambda: not dev.paths[0].usable, 10, "path A failed")
         a.wwid = "swapped-cable"  # same address, different LUN behind it
         await trio.to_thread.run_sync(a.start)
@@ -76,8 +76,8 @@ async def test_no_path_retry_queues_then_fails_with_eio(servers):
     dev = await MultipathDevice.open([a.uri(), b.uri()], config)
     try:
         await dev.write(0, b"q" * 4096)
-        a.kill()
-        b.kill()
+        await trio.to_thread.run_sync(a.kill)
+        await trio.to_thread.run_sync(b.kill)
         result: list[bytes] = []
 
         async def queued_read() -> None:
@@ -90,7 +90,7 @@ async def test_no_path_retry_queues_then_fails_with_eio(servers):
             await trio.to_thread.run_sync(b.start)  # a path returns within the budget
         assert result == [b"q" * 4096]
 
-        b.kill()
+        await trio.to_thread.run_sync(b.kill)
         with pytest.raises(DeviceError) as e:  # the budget runs out: EIO, never a hang
             await dev.read(0, 4096)
         assert e.value.errno == errno.EIO and "no usable path" in e.value.strerror
@@ -104,7 +104,7 @@ async def test_no_path_retry_zero_fails_at_once(servers):
     a = start("a")
     dev = await MultipathDevice.open([a.uri()], MultipathConfig(no_path_retry=0, io_timeout=5))
     try:
-        a.kill()
+        await trio.to_thread.run_sync(a.kill)
         with pytest.raises(DeviceError) as e:
             await dev.read(0, 4096)
         assert e.value.errno == errno.EIO
@@ -139,3 +139,47 @@ def test_config_validation():
     ):
         with pytest.raises((ValueError, TypeError)):
             MultipathConfig.from_mapping(bad)
+
+
+@pytest.mark.timeout(60)
+async def test_deferred_failback_waits_for_a_healthy_path(servers):
+    _, start = servers
+    a, b = start("a"), start("b")
+    config = MultipathConfig(polling_interval=0.2, failback=1.0, io_timeout=5)
+    dev = await MultipathDevice.open([a.uri(), b.uri()], config)
+    try:
+        await trio.to_thread.run_sync(a.kill)
+        await dev.write(0, b"1" * 4096)  # fails over to B
+        assert dev.active_group == 1
+        await trio.to_thread.run_sync(a.start)
+        await wait_for(lambda: dev.paths[0].usable, 10, "path A reinstated")
+        reinstated_at = dev.paths[0].ready_since
+        await wait_for(lambda: dev.active_group == 0, 10, "deferred failback")
+        # The code only fails back once the path has been up for `failback` seconds.
+        assert trio.current_time() - reinstated_at >= config.failback
+        before = dev.paths[0].requests
+        await dev.write(4096, b"2" * 4096)
+        assert dev.paths[0].requests == before + 1
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.timeout(30)
+async def test_multibus_round_robin_honours_rr_min_io(servers):
+    image, start = servers
+    a, b = start("a"), start("b")
+    dev = await MultipathDevice.open(
+        [a.uri(), b.uri()], MultipathConfig(policy="multibus", rr_min_io=3)
+    )
+    try:
+        order = []
+        for i in range(12):
+            before = [p.requests for p in dev.paths]
+            await dev.write(i * 4096, bytes([65 + i]) * 4096)
+            order.append(next(j for j, p in enumerate(dev.paths) if p.requests > before[j]))
+        assert order == [0, 0, 0, 1, 1, 1, 0, 0, 0, 1, 1, 1]
+        assert dev.status()["groups"][0]["status"] == "active"
+        await dev.flush()
+    finally:
+        await dev.aclose()
+    assert image.read_bytes()[: 12 * 4096] == b"".join(bytes([65 + i]) * 4096 for i in range(12))

@@ -15,6 +15,7 @@ from gfspy.blockdev.nbd_client_proto import (
     NbdProtocolError,
     Negotiated,
     Reply,
+    StartTLS,
 )
 from gfspy.nbd import wire
 from gfspy.nbd.wire import Cmd, InfoType, Opt, Rep, TransmissionFlag
@@ -267,3 +268,35 @@ def test_fua_dropped_when_server_does_not_offer_it():
     c.next_event()
     _, data = c.request(Cmd.WRITE, 0, flags=wire.CmdFlag.FUA, payload=bytes(512))
     assert wire.decode_request(data[:28]).flags == 0
+
+
+@pytest.mark.timeout(10)
+def test_starttls_comes_before_go():
+    c = ClientConnection("x", tls=True)
+    c.receive_data(wire.encode_greeting())
+    assert c.next_event() is NEED_DATA
+    sent = c.data_to_send()
+    assert wire.decode_option_header(sent[4:20]).opt == Opt.STARTTLS and len(sent) == 20
+    c.receive_data(wire.encode_option_reply(Opt.STARTTLS, Rep.ACK))
+    assert isinstance(c.next_event(), StartTLS)
+    assert c.next_event() is NEED_DATA and c.data_to_send() == b""  # nothing in clear text
+    c.tls_established()
+    assert c.next_event() is NEED_DATA
+    assert wire.decode_option_header(c.data_to_send()[:16]).opt == Opt.GO
+
+
+@pytest.mark.timeout(10)
+def test_starttls_refused_or_followed_by_injected_bytes():
+    c = ClientConnection("x", tls=True)
+    c.receive_data(wire.encode_greeting() + wire.encode_option_reply(Opt.STARTTLS, Rep.ERR_POLICY))
+    with pytest.raises(NbdNegotiationError) as e:
+        c.next_event()
+    assert e.value.errno == errno.EACCES
+    c = ClientConnection("x", tls=True)
+    c.receive_data(
+        wire.encode_greeting()
+        + wire.encode_option_reply(Opt.STARTTLS, Rep.ACK)
+        + wire.encode_option_reply(Opt.GO, Rep.ACK)
+    )
+    with pytest.raises(NbdProtocolError, match="plaintext"):
+        c.next_event()

@@ -252,6 +252,9 @@ def test_uri_parsing():
     )
     assert parse_nbd_uri("nbd://h/").port == 10809
     assert parse_nbd_uri("nbd+unix:///e?socket=/tmp/s").unix_socket == "/tmp/s"
+    tls = parse_nbd_uri("nbds://h/e?tls-certificates=/etc/pki/gfspy")
+    assert tls.tls and tls.tls_certificates == "/etc/pki/gfspy"
+    assert not parse_nbd_uri("nbd://h/e?tls-certificates=/x").tls
     for bad in ("http://h/x", "nbd://h:99999/x", "nbd+unix:///e"):
         with pytest.raises(ValueError):
             parse_nbd_uri(bad)
@@ -281,7 +284,9 @@ async def test_mkfs_over_nbd_then_fsck_is_clean(tmp_path):
 async def test_timeout_and_cancellation():
     proc, port = start_nbdkit("--filter=delay", "memory", "8M", "delay-read=3", "delay-write=3")
     try:
-        dev = await NbdDevice.open(f"nbd://127.0.0.1:{port}/", io_timeout=1)
+        # No control channel and the server stays up: the late write can never be shown
+        # drained, so it fails with EIO and later writes are refused too.
+        dev = await NbdDevice.open(f"nbd://127.0.0.1:{port}/", io_timeout=1, quiesce_timeout=1)
         try:
             conn = dev._conn
             with trio.move_on_after(0.2) as scope:
@@ -292,6 +297,9 @@ async def test_timeout_and_cancellation():
                 await dev.write(0, b"w" * 4096)  # no reply within io_timeout
             assert e.value.errno == errno.EIO and "in doubt" in e.value.strerror
             assert conn.broken  # the late reply can never be matched, so a new session
+            with pytest.raises(DeviceError) as e:
+                await dev.write(8192, b"v" * 4096)
+            assert e.value.errno == errno.EIO and "writes stopped" in e.value.strerror
         finally:
             await dev.aclose()
     finally:
@@ -319,3 +327,55 @@ async def test_identity_is_declared_in_the_export_name(tmp_path):
             await dev.aclose()
     finally:
         server.stop()
+
+
+@pytest.mark.timeout(60)
+async def test_stalled_server_write_is_reissued_only_after_session_fence(tmp_path, caplog):
+    """A frozen server (SIGSTOP) is the §3.7 hazard: its writes may still land later."""
+    import signal
+
+    from .servers import Blockd
+
+    image = make_image(tmp_path / "s.img", 4 * MiB)
+    server = Blockd(image, tmp_path / "s").start()
+    try:
+        dev = await NbdDevice.open(server.uri("n1"), io_timeout=1, quiesce_timeout=30)
+        try:
+            await dev.write(0, b"a" * 4096)
+            server.proc.send_signal(signal.SIGSTOP)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for i in range(1, 5):
+                        nursery.start_soon(dev.write, i * 4096, bytes([97 + i]) * 4096)
+                    await trio.sleep(2.5)  # well past io_timeout: the writes are in doubt
+                    server.proc.send_signal(signal.SIGCONT)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert "SESSION_FENCE" in caplog.text and "confirmed" in caplog.text
+            assert dev.write_poison is None
+            await dev.write(5 * 4096, b"f" * 4096)
+            await dev.flush()
+        finally:
+            await dev.aclose()
+    finally:
+        server.stop()
+    want = b"".join(bytes([c]) * 4096 for c in b"abcdef")
+    assert image.read_bytes()[: len(want)] == want
+
+
+@pytest.mark.timeout(30)
+async def test_unix_socket(tmp_path):
+    sock = tmp_path / "nbd.sock"
+    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "memory", "1M"])
+    try:
+        with trio.fail_after(10):
+            while not sock.exists():
+                await trio.sleep(0.05)
+        dev = await open_device(f"nbd+unix:///?socket={sock}")
+        try:
+            await dev.write(512, b"u" * 512)
+            assert await dev.read(0, 1024) == bytes(512) + b"u" * 512
+        finally:
+            await dev.aclose()
+    finally:
+        stop(proc)

@@ -219,6 +219,8 @@ class Cluster:
             str(i),
             "--status-socket",
             self.socket(i),
+            "--state-dir",
+            str(self.dir / "state"),
         ]
         for ls in self.lockspaces:
             argv += ["--lockspace", ls]
@@ -256,10 +258,21 @@ class Cluster:
                 epochs.add(s["epoch"])
             return epochs.pop() if len(epochs) == 1 else None
 
-        epoch = wait_for(agreed, timeout, f"nodes {nodes} to agree on members {members}")
+        try:
+            epoch = wait_for(agreed, timeout, f"nodes {nodes} to agree on members {members}")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n{self.diagnose()}") from None
         for i in nodes:
             self.incarnations.update({m["id"]: m["incarnation"] for m in self.status(i)["members"]})
         return epoch
+
+    def diagnose(self) -> str:
+        """Exit codes and log tails of every node, for a failure message."""
+        out = []
+        for i, proc in sorted(self.procs.items()):
+            lines = [ln for ln in self.log(i).splitlines() if "late by" not in ln]
+            out.append(f"--- node {i} (exit {proc.poll()}):\n" + "\n".join(lines[-15:]))
+        return "\n".join(out)
 
     def kill(self, i: int, sig: int = signal.SIGKILL) -> None:
         proc = self.procs[i]
@@ -286,3 +299,8 @@ def events(status: dict[str, Any], epoch: int | None = None) -> list[tuple[str, 
 
 def kinds(status: dict[str, Any], epoch: int) -> list[str]:
     return [k for k, _, _ in events(status, epoch)]
+
+
+def fences(status: dict[str, Any]) -> list[dict[str, Any]]:
+    """Fence history without cancelled startup fences (nodes that merely booted late)."""
+    return [r for r in status["fence_history"] if r["method"] != "startup"]

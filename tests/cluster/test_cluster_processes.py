@@ -14,6 +14,7 @@ from .harness import (
     Cluster,
     agent_calls,
     events,
+    fences,
     kinds,
     wait_for,
     write_agent,
@@ -60,15 +61,17 @@ def test_sigkill_storage_fence_at_every_blockd_then_recovery(tmp_path, closing):
         status = cluster.status(i)
         assert status["epoch"] == epoch
         assert_fenced_before_recovery(status, epoch, victim=3)
-        ok = [r for r in status["fence_history"] if r["node_id"] == 3 and r["ok"]]
+        ok = [r for r in fences(status) if r["node_id"] == 3 and r["ok"]]
         assert ok and ok[0]["incarnation"] == victim_inc and ok[0]["actor"] == 1
     actor = cluster.status(1)
     storage_fence = [r for r in actor["fence_history"] if r["method"] == "storage"]
     assert storage_fence[0]["detail"] == "confirmed by b1, b2"
-    # Both block servers really banned exactly that incarnation.
+    # Both block servers really banned exactly that incarnation, and a real NBD client
+    # presenting it is refused.
     for s in servers:
         table = s.status()["fence_table"]
         assert f"{victim_inc:x}" in table["node3"]["banned"]
+        assert not nbd_size(s, "node3", victim_inc)
 
     # The old incarnation is refused: the process is told so and exits 3.
     old = cluster.start(3, incarnation=victim_inc)
@@ -82,11 +85,15 @@ def test_sigkill_storage_fence_at_every_blockd_then_recovery(tmp_path, closing):
     new_inc = cluster.incarnations[3]
     assert new_inc != victim_inc
     for s in servers:
+        assert nbd_size(s, "node1", cluster.incarnations[1]) == 16 << 20
         wait_for(
             lambda s=s: s.status()["fence_table"]["node3"]["admitted"] == f"{new_inc:x}",
             15,
             "ADMIT of the new incarnation",
         )
+    for s in servers:
+        assert nbd_size(s, "node3", new_inc) == 16 << 20
+        assert not nbd_size(s, "node3", victim_inc)
 
 
 @pytest.mark.timeout(90)
@@ -115,7 +122,7 @@ def test_failed_fences_are_retried_never_skipped(tmp_path, closing):
 
     wait_for(blocked_with_failures, 20, "recovery to wait on the failing fence")
     epoch = cluster.wait_view([1, 3], [1, 3], timeout=30)
-    history = cluster.status(1)["fence_history"]
+    history = fences(cluster.status(1))
     results = [r["ok"] for r in history if r["node_id"] == 2]
     assert results == [False, False, False, True]
     assert "exited with status 1" in history[0]["detail"]
@@ -186,3 +193,69 @@ def test_sigterm_stops_cleanly(tmp_path, closing):
     cluster.kill(1, signal.SIGTERM)
     assert cluster.procs[1].returncode == 0
     assert "Traceback" not in cluster.log(1)
+
+
+def nbd_size(server: BlockServer, node: str, incarnation: int) -> int | None:
+    """Export size as nbdinfo sees it when connecting as (node, incarnation); None if refused."""
+    uri = f"nbd://{server.nbd}/lun%40{node}%3A{incarnation:x}"
+    proc = subprocess.run(["nbdinfo", "--size", uri], capture_output=True, text=True, timeout=30)
+    return int(proc.stdout) if proc.returncode == 0 else None
+
+
+@pytest.mark.timeout(90)
+def test_two_nodes_with_block_server_as_witness(tmp_path, closing):
+    server = BlockServer(tmp_path / "b1", name="b1")
+    closing(server)
+    cluster = Cluster(
+        tmp_path, 2, fence=[{"method": "storage"}], storage=[server],
+        quorum={"witness": True, "wait_for_all": True},
+    )  # fmt: skip
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2], [1, 2])
+    quorum = cluster.status(1)["quorum"]
+    assert (quorum["votes"], quorum["expected_votes"], quorum["witness_votes"]) == (3, 3, 1)
+
+    # Alone, node 1 still has the witness's vote: 2 of 3. It fences node 2 and goes on.
+    cluster.kill(2)
+    cluster.wait_view([1], [1])
+    status = cluster.status(1)
+    assert [r["ok"] for r in fences(status)] == [True], status
+
+    # Without the witness it is 1 of 3: no quorum, locking stops.
+    server.close()
+    wait_for(
+        lambda: (s := cluster.status(1))["recovery"]["stopped"] and not s["quorum"]["quorate"],
+        20, "loss of the witness vote to stop locking",
+    )  # fmt: skip
+    assert cluster.status(1)["quorum"]["witness_votes"] == 0
+
+
+@pytest.mark.timeout(90)
+def test_two_nodes_without_tie_breaker_never_fence(tmp_path, closing):
+    agent, log, _ = write_agent(tmp_path)
+    cluster = Cluster(tmp_path, 2, fence=[{"method": "agent", "command": str(agent)}])
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2], [1, 2])
+    cluster.kill(2)
+    wait_for(lambda: not cluster.status(1)["quorum"]["quorate"], 20, "node 1 to lose quorum")
+    status = cluster.status(1)
+    assert status["recovery"]["stopped"] and status["epoch"] == cluster.status(1)["epoch"]
+    assert [m["id"] for m in status["members"]] == [1, 2]  # no view without a majority
+    assert agent_calls(log) == []  # and no fence from an inquorate node
+
+
+@pytest.mark.timeout(90)
+def test_two_node_mode_carries_on_alone(tmp_path, closing):
+    agent, log, _ = write_agent(tmp_path)
+    cluster = Cluster(
+        tmp_path, 2, fence=[{"method": "agent", "command": str(agent)}],
+        quorum={"two_node": True},
+    )  # fmt: skip
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2], [1, 2])
+    cluster.kill(1)
+    cluster.wait_view([2], [2])
+    assert [c["nodename"] for c in agent_calls(log)] == ["node1"]

@@ -50,13 +50,15 @@ class Sim:
         self.queue: list[tuple[int, int, Send]] = []
         self.drop: callable | None = None  # (src, dst, send) -> bool
         self.now = 0.0
+        self.persisted: dict[int, int] = {}
         for i in range(1, n + 1):
             self.start(i, incarnation=100 + i)
 
     def start(self, node_id: int, incarnation: int) -> None:
-        self.nodes[node_id] = Membership(
-            self.config, node_id, incarnation, QuorumCalculator(self.config)
-        )
+        m = Membership(self.config, node_id, incarnation, QuorumCalculator(self.config))
+        # What the daemon keeps in its state file: the highest epoch it acked or committed.
+        m.restore_epoch(self.persisted.get(node_id, 0))
+        self.nodes[node_id] = m
         self.views.setdefault(node_id, [])
         self.expelled.pop(node_id, None)
 
@@ -76,6 +78,9 @@ class Sim:
         self.cut.clear()
 
     def handle(self, node_id: int, actions: list) -> None:
+        m = self.nodes.get(node_id)
+        if m is not None:
+            self.persisted[node_id] = max(m.highest_acked, m.view.epoch)
         for a in actions:
             if isinstance(a, Send):
                 self.queue.append((node_id, a.node_id, a))
@@ -255,3 +260,68 @@ def test_wait_for_all_blocks_first_view_until_everyone_was_seen():
     sim.kill(3)
     sim.run()
     assert sim.members(1) == (1, 2)
+
+
+@pytest.mark.timeout(10)
+def test_late_starter_with_lowest_id_joins_instead_of_bootstrapping():
+    sim = Sim(3)
+    sim.kill(1)
+    sim.run()
+    assert sim.members(2) == (2, 3)
+    # Node 1 comes up: it must not start a cluster of its own, even before it has heard
+    # anyone's gossip (a proposal from the running cluster may be the first thing it sees).
+    sim.start(1, incarnation=111)
+    sim.run()
+    assert {sim.members(i) for i in (1, 2, 3)} == {(1, 2, 3)}
+    assert_same_history(sim, [2, 3])
+    assert sim.views[1] == sim.views[2][-1:]
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("GFSPY_SIM_SEEDS", "40"))))
+def test_random_failures_partitions_and_losses_keep_views_consistent(seed):
+    """Invariants under random crashes, restarts, partitions and lost messages:
+    one member set per epoch, only quorate views, epochs increase on every node."""
+    import random
+
+    rng = random.Random(seed)
+    n = 5
+    sim = Sim(n)
+    committed: dict[int, tuple[int, ...]] = {}
+    next_inc = 1000
+    sim.drop = lambda src, dst, send: rng.random() < 0.1
+    for _ in range(120):
+        roll = rng.random()
+        if roll < 0.04 and len(sim.nodes) > 1:
+            sim.kill(rng.choice(sorted(sim.nodes)))
+        elif roll < 0.10:
+            dead = [i for i in range(1, n + 1) if i not in sim.nodes or i in sim.expelled]
+            if dead:
+                next_inc += 1
+                i = rng.choice(dead)
+                sim.nodes.pop(i, None)
+                sim.start(i, incarnation=next_inc)
+        elif roll < 0.13:
+            ids = list(range(1, n + 1))
+            rng.shuffle(ids)
+            cut = rng.randrange(1, n)
+            sim.heal()
+            sim.partition(set(ids[:cut]), set(ids[cut:]))
+        elif roll < 0.18:
+            sim.heal()
+        sim.step()
+    sim.drop = None
+    sim.heal()
+    sim.run(30)
+    for node_id, views in sim.views.items():
+        epochs = [e for e, _ in views]
+        assert epochs == sorted(set(epochs)), f"node {node_id} epochs not increasing: {epochs}"
+        for epoch, members in views:
+            assert committed.setdefault(epoch, members) == members, (
+                f"epoch {epoch}: {members} on node {node_id}, {committed[epoch]} elsewhere"
+            )
+            assert len(members) >= 3, f"epoch {epoch} committed without quorum: {members}"
+    # After healing, every live, non-expelled node converges on one view.
+    live = [i for i in sim.nodes if i not in sim.expelled]
+    if len(live) >= 3:
+        assert len({sim.members(i) for i in live}) == 1

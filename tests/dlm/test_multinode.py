@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import random
 
 import pytest
 import trio
 
 from gfspy.dlm.directory import directory_node
-from gfspy.dlm.modes import EUNLOCK, Flag, Mode, SBFlag, compatible
+from gfspy.dlm.modes import ECANCEL, EUNLOCK, Flag, Mode, SBFlag, compatible
 
 from .cluster_helper import LoopbackCluster
 
@@ -65,7 +66,9 @@ async def test_remote_bast_lvb_and_noqueue():
     async with trio.open_nursery() as nursery:
         c = await new_cluster(nursery, 2)
         basted = trio.Event()
-        holder = await c.spaces[1].lock(b"rgrp-7", EX, Flag.VALBLK, lvb=bytes(32), bast=lambda h, m: basted.set())
+        holder = await c.spaces[1].lock(
+            b"rgrp-7", EX, Flag.VALBLK, lvb=bytes(32), bast=lambda h, m: basted.set()
+        )
         with pytest.raises(OSError):
             await c.spaces[2].lock(b"rgrp-7", PR, Flag.NOQUEUE)
         waiter = c.spaces[2].request(b"rgrp-7", PR, Flag.VALBLK, lvb=bytes(32))
@@ -209,9 +212,14 @@ async def test_killing_busiest_master_or_directory_node_recovers(victim_role):
                 await c.spaces[node].unlock(h)
             ex = [c.spaces[n].request(name, EX) for n in c.spaces]
             statuses = []
-            for h in ex:
+
+            async def take_and_release(h, statuses=statuses):
                 statuses.append(await h.wait())
-                await c.spaces[next(n for n in c.spaces if h.ls is c.spaces[n])].unlock(h)
+                await h.ls.unlock(h)
+
+            async with trio.open_nursery() as takers:
+                for h in ex:
+                    takers.start_soon(take_and_release, h)
             assert statuses == [0] * len(ex)
             assert len(c.masters_of(name)) <= 1
         await c.close()
@@ -230,9 +238,148 @@ async def test_blocked_grants_are_held_except_noexp():
         recovery = s1.request(b"journal-3", EX, Flag.NOEXP)
         assert await recovery.wait() == 0
         await trio.sleep(0.05)
-        assert normal.status == 0 and not normal._done.is_set()  # granted, not delivered
+        assert normal.status == 0 and not normal.delivered  # granted, not delivered
         s1.unblock_grants()
         assert await normal.wait() == 0
         assert s2.running
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_remote_cancel_and_force_unlock():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 2)
+        s1, s2 = c.spaces[1], c.spaces[2]
+        holder = await s1.lock(b"dir-9", EX)
+        queued = s2.request(b"dir-9", PR)
+        await trio.sleep(0.05)
+        assert s2.cancel(queued) is True
+        with pytest.raises(OSError) as exc:
+            await s2.lock(b"dir-9", PR, Flag.NOQUEUE)
+        assert exc.value.errno == errno.EAGAIN
+        assert await queued.wait() == ECANCEL and queued.gone
+        # a granted lock has nothing to cancel: no callback, stays granted
+        nl = await s2.lock(b"dir-9", NL)
+        assert s2.cancel(nl) is False and nl.mode == NL
+        # force-unlock withdraws a queued conversion
+        s2.request_convert(nl, EX)
+        await trio.sleep(0.05)
+        assert await s2.unlock(nl, Flag.FORCEUNLOCK) == EUNLOCK
+        await s1.unlock(holder)
+        assert not s1.masters[b"dir-9"].locks
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_node_dying_during_recovery_aborts_the_pass_and_next_view_recovers():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 3)
+        s1, s2 = c.spaces[1], c.spaces[2]
+        await c.spaces[3].lock(b"held-by-3", EX)
+        waiter = s1.request(b"held-by-3", EX)
+        # view 2 still lists node 3, which dies before starting it
+        view2 = c.make_view()
+        for ls in c.spaces.values():
+            await ls.stop()
+        await c.kill(3)
+        results = {}
+
+        async def start(node, view):
+            results[node] = await c.spaces[node].start(view)
+
+        async with trio.open_nursery() as starters:
+            for node in (1, 2):
+                starters.start_soon(start, node, view2)
+            await trio.sleep(0.2)  # stuck at the NODES barrier, waiting for node 3
+            assert results == {}
+            for ls in (s1, s2):
+                await ls.stop()  # the cluster layer noticed: the pass must abort
+        assert results == {1: False, 2: False}
+        assert not s1.running and waiter.status is None
+        c.view = view2
+        await c.change_view(removed=frozenset({3}))
+        assert await waiter.wait() == 0
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("seed", [int(s) for s in __import__("os").environ.get("DLM_STORM_SEEDS", "7 8").split()])
+async def test_storm_survives_a_node_killed_mid_storm(seed):
+    """Random traffic on four nodes; one dies in the middle. Survivors never see two
+    incompatible grants, every survivor operation completes, and the masters end empty."""
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 4)
+        names = [f"hot-{i}".encode() for i in range(6)]
+        held: dict[bytes, dict[tuple, int]] = {n: {} for n in names}
+        violations: list = []
+        completed = {n: 0 for n in (1, 2, 3, 4)}
+        victim = 4
+
+        def observe(node, handle):
+            if handle.status != 0:
+                return
+            for other, mode in held[handle.name].items():
+                if other != (node, handle.lkid) and not compatible(mode, handle.mode):
+                    violations.append((handle.name, other, mode, node, handle.mode))
+            held[handle.name][(node, handle.lkid)] = handle.mode
+
+        async def worker(node, rng, cancel_scope):
+            with cancel_scope:
+                ls = c.spaces[node]
+                while True:
+                    name = rng.choice(names)
+                    h = ls.request(name, rng.choice([CR, PR, PW, EX]), Flag.VALBLK, lvb=bytes(32),
+                                   ast=lambda h, node=node: observe(node, h))  # fmt: skip
+                    with trio.fail_after(15):
+                        await h.wait()
+                    await trio.sleep(rng.random() * 0.003)
+                    if rng.random() < 0.3:
+                        held[name].pop((node, h.lkid), None)
+                        ls.request_convert(
+                            h, rng.choice([NL, CR]), Flag.VALBLK, lvb=bytes([node]) * 32
+                        )
+                        with trio.fail_after(15):
+                            await h.wait()
+                        held[name][(node, h.lkid)] = h.mode
+                    held[name].pop((node, h.lkid), None)
+                    ls.request_unlock(h)
+                    with trio.fail_after(15):
+                        await h.wait()
+                    completed[node] += 1
+
+        rng = random.Random(seed)
+        scopes = {n: [trio.CancelScope() for _ in range(3)] for n in (1, 2, 3, 4)}
+        async with trio.open_nursery() as workers:
+            for node, node_scopes in scopes.items():
+                for scope in node_scopes:
+                    workers.start_soon(worker, node, random.Random(rng.random()), scope)
+            await trio.sleep(0.4)
+            for scope in scopes[victim]:
+                scope.cancel()
+            await c.kill(victim)
+            for name in names:
+                for key in [k for k in held[name] if k[0] == victim]:
+                    del held[name][key]
+            before = dict(completed)
+            await c.change_view(removed=frozenset({victim}))
+            await trio.sleep(0.4)
+            for node in (1, 2, 3):
+                for scope in scopes[node]:
+                    scope.cancel()
+        assert violations == []
+        assert all(completed[n] > before[n] for n in (1, 2, 3))
+        # workers were cancelled mid-operation; drain what they left behind
+        leftovers = [h for ls in c.spaces.values() for h in ls.handles.values()]
+        for h in leftovers:
+            if not h.unlocking:
+                h.ls.request_unlock(h, Flag.FORCEUNLOCK)
+        for h in leftovers:
+            with trio.fail_after(15):
+                assert await h.wait() == EUNLOCK
+        for name in names:
+            assert len(c.masters_of(name)) == 0, name  # every lock is gone everywhere
         await c.close()
         nursery.cancel_scope.cancel()

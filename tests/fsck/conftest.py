@@ -11,6 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from .corrupt import Image
+from .populate import Populated, populate
+
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -75,3 +78,24 @@ def fresh_image(pristine_image: Path, tmp_path: Path) -> Path:
     path = tmp_path / "gfs2.img"
     subprocess.run(["cp", "--sparse=always", str(pristine_image), str(path)], check=True)
     return path
+
+
+@pytest.fixture(scope="session")
+def populated_pristine(
+    pristine_image: Path, tmp_path_factory: pytest.TempPathFactory
+) -> tuple[Path, Populated]:
+    """The pristine image plus files, exhash directories and xattrs (populate.py)."""
+    path = tmp_path_factory.mktemp("populated") / "gfs2.img"
+    subprocess.run(["cp", "--sparse=always", str(pristine_image), str(path)], check=True)
+    return path, populate(Image(path))
+
+
+@pytest.fixture
+def populated_image(
+    populated_pristine: tuple[Path, Populated], tmp_path: Path
+) -> tuple[Path, Populated]:
+    """A private copy of the populated image for one test to corrupt."""
+    source, layout = populated_pristine
+    path = tmp_path / "gfs2.img"
+    subprocess.run(["cp", "--sparse=always", str(source), str(path)], check=True)
+    return path, layout

@@ -225,3 +225,34 @@ class Image:
         head.flags &= ~LH_UNMOUNT
         self.write(block_no, head.pack_block(self.bsize))
         return block_no, head.sequence
+
+    # -- corruptions of a populated image (see populate.py) -------------------------
+
+    def set_u16(self, block_no: int, offset: int, value: int) -> int:
+        block = self.read(block_no)
+        struct.pack_into(">H", block, offset, value)
+        self.write(block_no, block)
+        return block_no
+
+    def add_u16(self, block_no: int, offset: int, delta: int) -> int:
+        block = self.read(block_no)
+        (v,) = struct.unpack_from(">H", block, offset)
+        struct.pack_into(">H", block, offset, v + delta)
+        self.write(block_no, block)
+        return block_no
+
+    def set_u64(self, block_no: int, offset: int, value: int) -> int:
+        block = self.read(block_no)
+        struct.pack_into(">Q", block, offset, value)
+        self.write(block_no, block)
+        return block_no
+
+    def set_type(self, block_no: int, mh_type: int) -> int:
+        """Rewrite a metadata block's mh_type (format left alone)."""
+        block = self.read(block_no)
+        struct.pack_into(">I", block, 4, mh_type)
+        self.write(block_no, block)
+        return block_no
+
+    def dirent_offset(self, dir_addr: int, name: bytes) -> int:
+        return self.entries(dir_addr)[name][1]

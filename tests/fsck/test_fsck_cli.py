@@ -79,9 +79,7 @@ def test_directory_is_not_a_device(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("flag", ["-y", "-p", "-a"])
-def test_repair_flags_are_refused_without_touching_the_device(
-    fresh_image: Path, flag: str
-) -> None:
+def test_repair_flags_are_refused_without_touching_the_device(fresh_image: Path, flag: str) -> None:
     before = image_digest(fresh_image)
     mtime = os.stat(fresh_image).st_mtime_ns
     result = run_fsck(flag, fresh_image)

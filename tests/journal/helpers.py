@@ -6,6 +6,7 @@ from __future__ import annotations
 import re
 import struct
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,12 +23,15 @@ IMAGE_MIB = 64
 BSIZE = 4096
 
 
-def make_image(path: Path, size_mib: int = IMAGE_MIB) -> Path:
-    """A fresh single-journal lock_nolock filesystem made by the real mkfs.gfs2."""
+def make_image(
+    path: Path, size_mib: int = IMAGE_MIB, journals: int = 1, tool: str = "mkfs.gfs2"
+) -> Path:
+    """A fresh lock_nolock filesystem made by the real mkfs.gfs2 (or by gfspy-mkfs)."""
     with open(path, "wb") as f:
         f.truncate(size_mib << 20)
+    command = ["mkfs.gfs2"] if tool == "mkfs.gfs2" else [sys.executable, "-m", "gfspy.mkfs"]
     subprocess.run(
-        ["mkfs.gfs2", "-O", "-p", "lock_nolock", "-b", str(BSIZE), str(path)],
+        [*command, "-O", "-p", "lock_nolock", "-b", str(BSIZE), "-j", str(journals), str(path)],
         check=True,
         capture_output=True,
         timeout=60,

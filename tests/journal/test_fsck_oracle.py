@@ -12,9 +12,14 @@ from pathlib import Path
 
 import pytest
 
+from gfspy.blockdev.device import Device
+from gfspy.journal.extent import JournalExtents, map_journal
+from gfspy.journal.locate import locate_journal
 from gfspy.journal.log import Journal, JournalDirtyError, open_journal
-from gfspy.journal.replay import replay_journal
+from gfspy.journal.replay import recover_journal, replay_journal
+from gfspy.journal.scan import scan_journal
 from gfspy.journal.transaction import Transaction
+from gfspy.ondisk.constants import LH_RECOVERY, LH_UNMOUNT
 
 from .helpers import (
     BSIZE,
@@ -55,8 +60,9 @@ def replay_both(dirty: Path, tmp_path: Path) -> tuple[Path, Path, str]:
 
 
 @pytest.mark.timeout(60)
-async def test_dirty_journal_replayed_identically_by_fsck_and_us(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "fs.img")
+@pytest.mark.parametrize("mkfs", ["mkfs.gfs2", "gfspy-mkfs"])
+async def test_dirty_journal_replayed_identically_by_fsck_and_us(tmp_path: Path, mkfs: str) -> None:
+    image = make_image(tmp_path / "fs.img", tool=mkfs)
     dev = await open_device(image)
     try:
         root, root_img = await root_dinode(dev)
@@ -185,8 +191,11 @@ async def test_revoke_in_same_transaction_cancels_the_copy(tmp_path: Path) -> No
 
 
 @pytest.mark.timeout(60)
-async def test_clean_unmount_leaves_a_clean_consistent_filesystem(tmp_path: Path) -> None:
-    image = make_image(tmp_path / "fs.img")
+@pytest.mark.parametrize("mkfs", ["mkfs.gfs2", "gfspy-mkfs"])
+async def test_clean_unmount_leaves_a_clean_consistent_filesystem(
+    tmp_path: Path, mkfs: str
+) -> None:
+    image = make_image(tmp_path / "fs.img", tool=mkfs)
     dev = await open_device(image)
     try:
         root, root_img = await root_dinode(dev)
@@ -222,3 +231,86 @@ async def test_clean_unmount_leaves_a_clean_consistent_filesystem(tmp_path: Path
         assert again.next_sequence == journal.next_sequence
     finally:
         await dev.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_mount_replays_its_own_dirty_journal_then_appends(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        root, root_img = await root_dinode(dev)
+        journal = await open_journal(dev, 0)
+        t = Transaction(BSIZE)
+        t.add_metadata(root, touched_root(root_img, 0o700, 42))
+        crashed_at = await journal.commit(t)
+    finally:
+        await dev.aclose()  # crash with the change only in the log
+
+    dev = await open_device(image)
+    try:
+        journal = await open_journal(dev, 0, replay_if_dirty=True)
+        assert await dev.read(root * BSIZE, BSIZE) == touched_root(root_img, 0o700, 42)
+        assert journal.next_sequence == crashed_at + 2  # after replay's clean header
+        t = Transaction(BSIZE)
+        t.add_metadata(root, touched_root(root_img, 0o750, 43))
+        await journal.commit(t)
+        await journal.clean_unmount()
+    finally:
+        await dev.aclose()
+    assert read_block(image, root) == touched_root(root_img, 0o750, 43)
+    assert_fsck_silent(image, tmp_path)
+
+
+@pytest.mark.timeout(60)
+async def test_survivor_recovers_another_nodes_journal(tmp_path: Path) -> None:
+    """Node 1 dies with a transaction in journal1; node 0, with its own journal
+    open, recovers journal1 (clean header UNMOUNT|RECOVERY) and fsck.gfs2 -n finds
+    nothing to say; fsck.gfs2 -y and our fsck-style replay agree byte for byte."""
+    image = make_image(tmp_path / "fs.img", journals=2)
+    dev = await open_device(image)
+    try:
+        root, root_img = await root_dinode(dev)
+        (spare,) = await free_blocks(dev, 1)
+        node1 = await open_journal(dev, 1)
+        assert node1.extents.dinode_addr != (await journal0(dev))[0].journal
+        t = Transaction(BSIZE)
+        t.add_metadata(root, touched_root(root_img, 0o711, 77))
+        t.add_jdata(spare, data_block(77))
+        await node1.commit(t)
+    finally:
+        await dev.aclose()  # node 1 dies
+    check = fsck(image, "-n")
+    assert 'Journal #2 ("journal1") is dirty' in check.output, check.output
+
+    by_fsck = tmp_path / "by-fsck.img"
+    shutil.copyfile(image, by_fsck)
+    assert fsck(by_fsck, "-y").returncode in (0, 1)
+    fsck_style = tmp_path / "fsck-style.img"
+    shutil.copyfile(image, fsck_style)
+
+    dev = await open_device(image)
+    try:
+        node0 = await open_journal(dev, 0)  # the survivor's own journal stays usable
+        result = await recover_journal(dev, 1, recovery=True)
+        assert (result.metadata_replayed, result.jdata_replayed) == (1, 1)
+        await node0.clean_unmount()
+        scan = await scan_journal(dev, list((await journal1_extents(dev)).runs), BSIZE)
+        assert scan.head is not None
+        assert scan.head.flags == LH_UNMOUNT | LH_RECOVERY
+    finally:
+        await dev.aclose()
+    assert read_block(image, root) == touched_root(root_img, 0o711, 77)
+    assert read_block(image, spare) == data_block(77)
+    assert_fsck_silent(image, tmp_path)
+
+    dev = await open_device(fsck_style)
+    try:
+        await recover_journal(dev, 1, header_style="fsck", fold_statfs=False)
+    finally:
+        await dev.aclose()
+    assert fsck_style.read_bytes() == by_fsck.read_bytes()
+
+
+async def journal1_extents(dev: Device) -> JournalExtents:
+    files = await locate_journal(dev, 1)
+    return await map_journal(dev, BSIZE, files.journal)

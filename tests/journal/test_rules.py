@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import functools
 import shutil
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+import trio
 
+from gfspy.blockdev.device import Device, DeviceError
+from gfspy.blockdev.local import LocalDevice
 from gfspy.journal.extent import JournalExtents
-from gfspy.journal.log import JournalFullError, open_journal
+from gfspy.journal.log import JournalFullError, JournalWithdrawnError, open_journal
 from gfspy.journal.replay import ReplayError, replay_journal
 from gfspy.journal.transaction import Transaction, TransactionError
 from gfspy.ondisk.constants import LD_METADATA, METATYPE_LH
@@ -149,6 +155,10 @@ async def test_oversized_transaction_is_refused_without_harm(tmp_path: Path) -> 
             t.add_metadata(10_000 + blk, metadata_block(10_000 + blk, 0))
         with pytest.raises(JournalFullError):
             await journal.commit(t)
+        far = Transaction(BSIZE)
+        far.add_metadata(1 << 40, metadata_block(1 << 40, 0))
+        with pytest.raises(ValueError, match="beyond the device"):
+            await journal.commit(far)
         small = Transaction(BSIZE)
         (blk,) = await free_blocks(dev, 1)
         small.add_metadata(blk, metadata_block(blk, 1))
@@ -223,3 +233,179 @@ async def test_large_transaction_spans_several_descriptors(tmp_path: Path) -> No
     finally:
         await dev.aclose()
     assert image.read_bytes() == by_fsck.read_bytes()
+
+
+class FailingDevice(Device):
+    """A real image whose writes start failing with EIO after `writes_left` of them:
+    the only way to make a local disk fail on cue (error injection, not a mock of
+    the journal's I/O, which still goes to the real file until the failure)."""
+
+    def __init__(self, inner: LocalDevice, writes_left: int) -> None:
+        self.inner = inner
+        self.writes_left = writes_left
+        self.on_write: Callable[[], None] | None = None
+        self.size = inner.size
+        self.block_size = inner.block_size
+        self.name = inner.name
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.inner.read(offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        if self.writes_left <= 0:
+            raise DeviceError(errno.EIO, f"{self.name}: injected write failure")
+        self.writes_left -= 1
+        if self.on_write is not None:
+            self.on_write()
+        await self.inner.write(offset, data)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_io_failure_withdraws_the_journal(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    before = image.read_bytes()
+    dev = FailingDevice(await LocalDevice.open(str(image)), writes_left=1_000)
+    try:
+        (a, b) = await free_blocks(dev, 2)
+        journal = await open_journal(dev, 0)
+        t = Transaction(BSIZE)
+        t.add_metadata(a, metadata_block(a, 1))
+        t.add_metadata(b, metadata_block(b, 1))
+        dev.writes_left = 0
+        with pytest.raises(DeviceError):
+            await journal.commit(t)
+        with pytest.raises(JournalWithdrawnError):
+            await journal.commit(t)
+        with pytest.raises(JournalWithdrawnError):
+            await journal.clean_unmount()
+    finally:
+        await dev.aclose()
+    assert image.read_bytes() == before  # nothing reached the disk, journal clean
+    assert not fsck(image, "-n").dirty
+
+
+@pytest.mark.timeout(60)
+async def test_statfs_deltas_survive_a_clean_unmount(tmp_path: Path) -> None:
+    """Deltas not yet folded into the master statfs live in the headers; a remount
+    must carry them on, not restart from zero."""
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        journal = await open_journal(dev, 0)
+        t = Transaction(BSIZE)
+        t.change_statfs(total=0, free=-2, dinodes=1)
+        await journal.commit(t)
+        await journal.clean_unmount()
+        again = await open_journal(dev, 0)
+        assert again.statfs_local == [0, -2, 1]
+        t = Transaction(BSIZE)
+        t.change_statfs(free=-1)
+        await again.commit(t)
+        assert again.statfs_local == [0, -3, 1]
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_group_commit_shares_log_writes_and_keeps_order(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        pool = await free_blocks(dev, 21)
+        journal = await open_journal(dev, 0)
+        last = pool[20]
+        early = Transaction(BSIZE)
+        early.add_metadata(last, metadata_block(last, 1))
+        await journal.add(early)  # not durable yet
+        assert journal.pending_image(last) == metadata_block(last, 1)
+        assert journal.commits == 0
+
+        async def operation(blk: int) -> None:
+            t = Transaction(BSIZE)
+            t.add_metadata(blk, metadata_block(blk, 5))
+            await journal.add(t)
+            await journal.flush()
+
+        async with trio.open_nursery() as nursery:
+            for blk in pool[:20]:
+                nursery.start_soon(operation, blk)
+        assert 1 <= journal.commits < 20, "concurrent flushes must share commits"
+        later = Transaction(BSIZE)
+        later.add_metadata(last, metadata_block(last, 2))
+        await journal.commit(later)
+        assert journal.pending_image(last) is None
+    finally:
+        await dev.aclose()  # crash
+    run = fsck(image, "-y")
+    (replayed, logged), _ = replay_counts(run.output)
+    assert replayed == logged >= 21
+    for blk in pool[:20]:
+        assert read_block(image, blk) == metadata_block(blk, 5)
+    assert read_block(image, last) == metadata_block(last, 2)
+
+
+@pytest.mark.timeout(60)
+async def test_cancelled_commit_still_completes_and_journal_stays_usable(
+    tmp_path: Path,
+) -> None:
+    """A FUSE request interrupted while its commit is being written must not leave
+    the log half-written or withdraw the journal."""
+    image = make_image(tmp_path / "fs.img")
+    dev = FailingDevice(await LocalDevice.open(str(image)), writes_left=1_000)
+    try:
+        a, b = await free_blocks(dev, 2)
+        journal = await open_journal(dev, 0)
+        t = Transaction(BSIZE)
+        t.add_metadata(a, metadata_block(a, 1))
+        with trio.CancelScope() as scope:
+            dev.on_write = scope.cancel  # cancel as soon as the body is being written
+            await journal.commit(t)
+            await trio.sleep(0)  # the cancellation lands here, after the commit
+        dev.on_write = None
+        assert scope.cancelled_caught
+        assert journal.ail_blocks == {a}, "the interrupted commit completed"
+        t = Transaction(BSIZE)
+        t.add_metadata(b, metadata_block(b, 1))
+        await journal.commit(t)
+        await journal.clean_unmount()
+    finally:
+        await dev.aclose()
+    assert read_block(image, a) == metadata_block(a, 1)
+    assert read_block(image, b) == metadata_block(b, 1)
+    assert not fsck(image, "-n").dirty
+
+
+@pytest.mark.timeout(60)
+async def test_log_daemon_commits_and_writes_back_in_the_background(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        pool = await free_blocks(dev, 300, spacing=1)
+        journal = await open_journal(dev, 0)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(functools.partial(journal.run_log_daemon, interval=0.01))
+            for i in range(0, 300, 30):  # 10 operations that never flush themselves
+                t = Transaction(BSIZE)
+                for blk in pool[i : i + 30]:
+                    t.add_metadata(blk, metadata_block(blk, 1))
+                await journal.add(t)
+                while journal.pending_image(pool[i]) is not None:
+                    await trio.sleep(0.01)  # until the daemon committed it
+            while journal.ail_blocks:
+                await trio.sleep(0.01)  # until the daemon wrote everything back
+            # Written back promptly, each commit's header could move the tail up: the
+            # log never filled although 10 transactions went through it.
+            assert journal.used_fraction() < 0.1
+            assert journal.forced_checkpoints == 0
+            await journal.clean_unmount()  # the daemon then stops by itself
+    finally:
+        await dev.aclose()
+    for blk in pool:
+        assert read_block(image, blk) == metadata_block(blk, 1)
+    assert not fsck(image, "-n").dirty

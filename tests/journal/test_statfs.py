@@ -17,13 +17,16 @@ import pytest
 
 from gfspy.journal.locate import locate_journal
 from gfspy.journal.log import open_journal
-from gfspy.journal.replay import StatfsFiles, replay_journal
+from gfspy.journal.replay import recover_journal, replay_journal
+from gfspy.journal.scan import scan_journal
 from gfspy.journal.transaction import Transaction
 from gfspy.ondisk.constants import (
     BLKST_USED,
     DINODE_SIZE,
     EAFLAG_LAST,
     EATYPE_USR,
+    LH_RECOVERY,
+    LH_UNMOUNT,
     META_HEADER_SIZE,
     STATFS_CHANGE_SIZE,
 )
@@ -93,11 +96,13 @@ async def test_replay_folds_statfs_deltas_like_the_kernel(tmp_path: Path) -> Non
     assert fsck(by_fsck, "-y").returncode in (0, 1)
 
     dev = await open_device(image)
-    try:
-        _, extents = await journal0(dev)
-        statfs = StatfsFiles(master=files.master_statfs, change=files.statfs_change)
-        result = await replay_journal(dev, extents, jid=0, recovery=True, statfs=statfs)
+    try:  # a survivor recovering the dead node's journal
+        result = await recover_journal(dev, 0, recovery=True)
         assert result.statfs_folded == StatfsChange(0, -1, 0)
+        _, extents = await journal0(dev)
+        scan = await scan_journal(dev, list(extents.runs), BSIZE)
+        assert scan.head is not None and scan.head.position == result.clean_header_block
+        assert scan.head.flags == LH_UNMOUNT | LH_RECOVERY and scan.head.tail == 0
     finally:
         await dev.aclose()
     master_after = statfs_of(image, files.master_statfs)

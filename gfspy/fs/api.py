@@ -1,0 +1,29 @@
+"""The filesystem API the FUSE adapter codes against (stable names, one import)."""
+
+from gfspy.fs.filesystem import FileSystem
+from gfspy.fs.types import (
+    NOW,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    Attr,
+    FsError,
+    FsWithdrawn,
+    SetAttr,
+    StatFs,
+)
+
+__all__ = [
+    "NOW",
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
+    "XATTR_CREATE",
+    "XATTR_REPLACE",
+    "Attr",
+    "FileSystem",
+    "FsError",
+    "FsWithdrawn",
+    "SetAttr",
+    "StatFs",
+]

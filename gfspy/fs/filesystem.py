@@ -1,0 +1,884 @@
+"""FileSystem: the POSIX operations of mount.gfspy over the GFS2 layout.
+
+Every operation runs under one mount-wide lock (trio tasks interleave at every
+await, and the on-disk structures are shared), takes the glocks of the inodes it
+touches, edits cached block images, and ends by handing one transaction to the
+journal. A metadata inconsistency withdraws the mount: no more device I/O, EIO.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import trio
+
+from gfspy.blockdev.device import Device, DeviceError
+from gfspy.fs.alloc import Allocator, NoSpace
+from gfspy.fs.bmap import BlockMap
+from gfspy.fs.buffers import BufferCache
+from gfspy.fs.dirs import Directories, Found
+from gfspy.fs.fileio import FileData
+from gfspy.fs.inode import Inode
+from gfspy.fs.mount import MountInfo, prepare
+from gfspy.fs.txn import FsTxn
+from gfspy.fs.types import (
+    NOW,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    Attr,
+    FsError,
+    FsWithdrawn,
+    SetAttr,
+    StatFs,
+)
+from gfspy.fs.xattrs import Xattrs
+from gfspy.glock.glock import (
+    LM_ST_EXCLUSIVE,
+    LM_TYPE_INODE,
+    LM_TYPE_RGRP,
+    Glock,
+    GlockOps,
+    GlockTable,
+)
+from gfspy.glock.nolock import NoLock
+from gfspy.journal.log import JournalError
+from gfspy.journal.transaction import Transaction
+from gfspy.ondisk.constants import (
+    DIF_INHERIT_JDATA,
+    DIF_JDATA,
+    DIF_SYSTEM,
+    DINODE_SIZE,
+    FORMAT_DE,
+    dt_from_mode,
+)
+from gfspy.ondisk.dinode import Dinode
+from gfspy.ondisk.directory import new_stuffed_dir_payload
+from gfspy.ondisk.errors import FormatError
+from gfspy.ondisk.meta import Inum
+from gfspy.ondisk.statfs import StatfsChange
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+READDIR_BATCH = 512
+#: Blocks kept back for metadata an operation may need (dinode, leaf splits, table
+#: growth, indirect blocks) on top of what it asks for explicitly.
+META_RESERVE = 64
+_SPECIAL_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK)
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError(errno.ENAMETOOLONG)
+    if not name or b"/" in name or b"\0" in name:
+        raise FsError(errno.EINVAL, f"bad name {name!r}")
+
+
+def _split_ns(ns: int) -> tuple[int, int]:
+    return divmod(ns, 1_000_000_000)
+
+
+class _HybridMethod:
+    """`FileSystem.open(device)` mounts, `fs.open(ino)` opens a file: one name, two roles.
+
+    The API fixes both spellings, so the attribute dispatches on whether it is read
+    from the class or from an instance.
+    """
+
+    def __init__(self, class_func: Callable, instance_func: Callable) -> None:
+        self.class_func = class_func
+        self.instance_func = instance_func
+
+    def __get__(self, obj: object, owner: type) -> Callable:
+        if obj is None:
+            return self.class_func.__get__(owner, type(owner))
+        return self.instance_func.__get__(obj, owner)
+
+
+class FileSystem:
+    """One mounted GFS2 filesystem on one journal."""
+
+    def __init__(
+        self, device: Device, info: MountInfo, *, jid: int, readonly: bool, commit_interval: float
+    ) -> None:
+        self.device = device
+        self.info = info
+        self.geo = info.geo
+        self.bsize = info.geo.bsize
+        self.jid = jid
+        self.readonly = readonly
+        self.commit_interval = commit_interval
+        self.root_ino = info.sb.root_dir.addr
+        self.journal = info.journal
+        self.cache = BufferCache(device, self.bsize)
+        self.cache.journal = self.journal
+        self.alloc = Allocator(self.cache, info.rindex)
+        self.bmap = BlockMap(self.cache, self.alloc, self.geo)
+        self.dirs = Directories(self.cache, self.alloc, self.bmap, self.geo)
+        self.files = FileData(device, self.cache, self.alloc, self.bmap, self.geo)
+        self.xattrs = Xattrs(self.cache, self.alloc, self.geo, info.sb.fs_format)
+        self.inodes: dict[int, Inode] = {}
+        self.glocks = GlockTable(
+            NoLock(),
+            {
+                LM_TYPE_INODE: GlockOps("inode", self._inode_go_sync, self._inode_go_inval),
+                LM_TYPE_RGRP: GlockOps("rgrp", self._rgrp_go_sync, self._rgrp_go_inval),
+            },
+        )
+        #: Set by the FUSE layer: called with an inode number whose kernel cache must go.
+        self.invalidate_callback: Callable[[int], None] | None = None
+        self.withdrawn: str | None = None
+        self._lock = trio.Lock()
+        self._last_flush = time.monotonic()
+        self._closed = False
+
+    # ================================================================ mount
+
+    async def _mount(
+        cls,
+        device: Device,
+        *,
+        jid: int = 0,
+        readonly: bool = False,
+        lockproto: str | None = None,
+        commit_interval: float = 60.0,
+    ) -> FileSystem:
+        info = await prepare(device, jid=jid, readonly=readonly, lockproto=lockproto)
+        fs = cls(device, info, jid=jid, readonly=readonly, commit_interval=commit_interval)
+        try:
+            await fs.alloc.load_all()
+            if not readonly:
+                await fs._free_orphans()
+        except FormatError as e:
+            raise FsError(errno.EIO, f"{device.name}: corrupt filesystem: {e}") from None
+        log.info("%s: mounted, journal %d, root %d", device.name, jid, fs.root_ino)
+        return fs
+
+    async def _free_orphans(self) -> None:
+        """Free inodes left UNLINKED by a crash while they were open."""
+        orphans = await self.alloc.find_unlinked()
+        for addr in orphans:
+            async with self._op() as txn:
+                ip = await self._inode(addr)
+                await self._dealloc(txn, ip)
+        if orphans:
+            log.info("%s: freed %d unlinked inodes left by a crash", self.device.name, len(orphans))
+            await self._flush()
+
+    async def close(self) -> None:
+        """Clean unmount: flush, fold statfs into the master file, UNMOUNT header."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.withdrawn or self.readonly or self.journal is None:
+            return
+        async with self._lock:
+            await self._sync_locked()
+            try:
+                await self.glocks.aclose()
+                await self.journal.clean_unmount()
+            except (JournalError, DeviceError) as e:
+                self._withdraw(f"clean unmount failed: {e}")
+        log.info("%s: unmounted cleanly", self.device.name)
+
+    # ======================================================== operation frame
+
+    def _withdraw(self, why: str) -> FsWithdrawn:
+        if self.withdrawn is None:
+            self.withdrawn = why
+            log.error("%s: journal %d: withdrawn: %s", self.device.name, self.jid, why)
+        return FsWithdrawn(why)
+
+    def _check_alive(self, write: bool) -> None:
+        if self.withdrawn is not None:
+            raise FsWithdrawn(self.withdrawn)
+        if self._closed:
+            raise FsError(errno.EIO, "filesystem is unmounted")
+        if write and self.readonly:
+            raise FsError(errno.EROFS)
+
+    @asynccontextmanager
+    async def _op(self, write: bool = True) -> AsyncIterator[FsTxn]:
+        self._check_alive(write)
+        async with self._lock:
+            self._check_alive(write)
+            txn = FsTxn()
+            try:
+                yield txn
+                if txn:
+                    await self._commit(txn)
+            except FsError:
+                if txn:
+                    await self._commit(txn)
+                raise
+            except (FormatError, NoSpace, JournalError, DeviceError, ValueError) as e:
+                raise self._withdraw(f"{type(e).__name__}: {e}") from e
+            finally:
+                for holder in txn.holders:
+                    holder.glock.release(holder)
+            if write and time.monotonic() - self._last_flush >= self.commit_interval:
+                await self._flush()
+
+    async def _commit(self, txn: FsTxn) -> None:
+        assert self.journal is not None
+        for rg in txn.rgrps:
+            txn.dirty.update(self.alloc.write_images(rg))
+        for ip in txn.inodes:
+            if ip.freed:
+                continue
+            buf = await self.cache.read(ip.addr)
+            ip.di.pack_into(buf)
+            txn.dirty.add(ip.addr)
+        jt = Transaction(self.bsize)
+        for blkno in txn.revoke:
+            jt.revoke(blkno)
+        for blkno in txn.dirty - txn.freed:
+            buf = self.cache.cached(blkno)
+            if buf is None:
+                raise FormatError(f"dirty block {blkno} left the cache")
+            jt.add_metadata(blkno, buf)
+        jt.change_statfs(txn.statfs_total, txn.statfs_free, txn.statfs_dinodes)
+        await self.journal.add(jt)
+        self.cache.trim()
+
+    async def _flush(self) -> None:
+        assert self.journal is not None
+        await self.journal.flush()
+        self.alloc.release_freed()
+        self._last_flush = time.monotonic()
+
+    def _reserve(self, blocks: int) -> None:
+        """ENOSPC before anything changes, so no operation stops half done."""
+        if self.alloc.available < blocks + META_RESERVE:
+            raise FsError(errno.ENOSPC)
+
+    async def _reserve_flushing(self, blocks: int) -> None:
+        if self.alloc.available < blocks + META_RESERVE and self.alloc.pinned:
+            await self._flush()  # blocks freed since the last flush become usable
+        self._reserve(blocks)
+
+    async def _hold(self, txn: FsTxn, ino: int) -> None:
+        glock = self.glocks.get(LM_TYPE_INODE, ino)
+        txn.holders.append(await glock.acquire(LM_ST_EXCLUSIVE))
+
+    # ============================================================ glock hooks
+
+    async def _inode_go_sync(self, glock: Glock) -> None:
+        if self.journal is not None and not self.withdrawn:
+            await self.journal.sync_blocks([glock.number])
+
+    async def _inode_go_inval(self, glock: Glock) -> None:
+        ip = self.inodes.get(glock.number)
+        if ip is not None and ip.open_count == 0:
+            del self.inodes[glock.number]
+        self.cache.drop(glock.number)
+        if self.invalidate_callback is not None:
+            self.invalidate_callback(glock.number)
+
+    async def _rgrp_go_sync(self, glock: Glock) -> None:
+        if self.journal is not None and not self.withdrawn:
+            await self.journal.flush()
+            self.alloc.release_freed()
+
+    async def _rgrp_go_inval(self, glock: Glock) -> None:
+        self.alloc.invalidate()
+
+    # ================================================================ inodes
+
+    async def _inode(self, ino: int) -> Inode:
+        ip = self.inodes.get(ino)
+        if ip is not None:
+            return ip
+        if ino <= self.geo.sb_block or ino * self.bsize >= self.device.size:
+            raise FsError(errno.ESTALE, f"inode {ino} is outside the filesystem")
+        buf = await self.cache.read(ino)
+        try:
+            di = Dinode.unpack(buf)
+        except FormatError:
+            di = None
+        if di is None or di.addr != ino:
+            state = await self.alloc.state(ino)
+            if state == 0:
+                raise FsError(errno.ESTALE, f"inode {ino} no longer exists")
+            raise FormatError(f"block {ino} should be a dinode but is not")
+        if not di.has_valid_type():
+            raise FormatError(f"dinode {ino} has an invalid mode {di.mode:o}")
+        ip = Inode(ino, di)
+        self.inodes[ino] = ip
+        return ip
+
+    def _attr(self, ip: Inode) -> Attr:
+        di = ip.di
+        return Attr(
+            ino=ip.addr,
+            mode=di.mode,
+            nlink=di.nlink,
+            uid=di.uid,
+            gid=di.gid,
+            rdev=os.makedev(di.major, di.minor) if di.is_chr() or di.is_blk() else 0,
+            size=di.size,
+            blocks=di.blocks * (self.bsize // 512),
+            atime_ns=di.atime * 1_000_000_000 + di.atime_nsec,
+            mtime_ns=di.mtime * 1_000_000_000 + di.mtime_nsec,
+            ctime_ns=di.ctime * 1_000_000_000 + di.ctime_nsec,
+            generation=di.generation,
+            blksize=self.bsize,
+        )
+
+    async def _dir(self, ino: int) -> Inode:
+        ip = await self._inode(ino)
+        if not ip.di.is_dir():
+            raise FsError(errno.ENOTDIR)
+        if ip.di.nlink == 0:
+            raise FsError(errno.ENOENT, "directory was removed")
+        return ip
+
+    @staticmethod
+    def _stamp(ip: Inode, txn: FsTxn, *, mtime: bool = False, atime: bool = False) -> None:
+        sec, nsec = _split_ns(time.time_ns())
+        ip.di.ctime, ip.di.ctime_nsec = sec, nsec
+        if mtime:
+            ip.di.mtime, ip.di.mtime_nsec = sec, nsec
+        if atime:
+            ip.di.atime, ip.di.atime_nsec = sec, nsec
+        txn.inodes.add(ip)
+
+    async def _new_inode(
+        self, txn: FsTxn, parent: Inode, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Inode:
+        if parent.di.mode & stat.S_ISGID:
+            gid = parent.di.gid
+            if stat.S_ISDIR(mode):
+                mode |= stat.S_ISGID
+        ((addr, _),) = await self.alloc.allocate(txn, 1, parent.addr + 1, dinode=True)
+        gen = await self.alloc.next_generation(txn, addr)
+        sec, nsec = _split_ns(time.time_ns())
+        di = Dinode(
+            formal=gen,
+            addr=addr,
+            mode=mode,
+            uid=uid,
+            gid=gid,
+            nlink=1,
+            atime=sec,
+            mtime=sec,
+            ctime=sec,
+            atime_nsec=nsec,
+            mtime_nsec=nsec,
+            ctime_nsec=nsec,
+            goal_meta=addr,
+            goal_data=addr,
+            generation=gen,
+        )
+        payload = b""
+        inherit = parent.di.flags & DIF_INHERIT_JDATA
+        if stat.S_ISDIR(mode):
+            di.flags = DIF_JDATA | inherit
+            di.nlink = 2
+            di.size = self.geo.stuffed_size
+            di.entries = 2
+            di.payload_format = FORMAT_DE
+            payload = new_stuffed_dir_payload(
+                self.bsize, di.inum, Inum(parent.di.formal, parent.addr)
+            )
+        elif stat.S_ISREG(mode) and inherit:
+            di.flags = DIF_JDATA
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            di.major, di.minor = os.major(rdev), os.minor(rdev)
+        if parent.di.flags & DIF_SYSTEM:
+            di.flags |= DIF_SYSTEM
+        self.cache.new(addr, di.pack_block(self.bsize, payload))
+        ip = Inode(addr, di)
+        self.inodes[addr] = ip
+        txn.dirty.add(addr)
+        txn.inodes.add(ip)
+        await self._hold(txn, addr)
+        return ip
+
+    async def _dealloc(self, txn: FsTxn, ip: Inode) -> None:
+        """Free an inode with no links and no opens: every block, then the dinode."""
+        if ip.di.is_dir():
+            await self.dirs.free_all(txn, ip)
+        elif ip.di.height:
+            await self.bmap.truncate(txn, ip, 0, metadata_data=False)
+        await self.xattrs.free_all(txn, ip)
+        if ip.di.blocks != 1:
+            raise FormatError(f"inode {ip.addr}: {ip.di.blocks} blocks counted after freeing all")
+        await self.alloc.free(txn, [], dinode=ip.addr)
+        txn.revoke.add(ip.addr)
+        ip.freed = True
+        self.inodes.pop(ip.addr, None)
+        self.cache.drop(ip.addr)
+        self.glocks.forget(LM_TYPE_INODE, ip.addr)
+
+    async def _drop_link(self, txn: FsTxn, ip: Inode) -> None:
+        ip.di.nlink -= 1 if not ip.di.is_dir() else ip.di.nlink
+        self._stamp(ip, txn)
+        if ip.di.nlink > 0:
+            return
+        if ip.open_count > 0:
+            await self.alloc.set_unlinked(txn, ip.addr, True)
+            ip.unlinked = True
+        else:
+            await self._dealloc(txn, ip)
+
+    # ============================================================ queries
+
+    async def sync(self) -> None:
+        if self.readonly:
+            return
+        async with self._op() as txn:
+            del txn
+        async with self._lock:
+            await self._sync_locked()
+
+    async def _sync_locked(self) -> None:
+        """Flush, fold this node's statfs deltas into the master file, checkpoint."""
+        assert self.journal is not None
+        try:
+            await self._flush()
+            local = list(self.journal.statfs_local)
+            if any(local):
+                txn = FsTxn()
+                addr = self.info.master_statfs
+                buf = await self.cache.read(addr)
+                master = StatfsChange.unpack(buf, DINODE_SIZE)
+                folded = master + StatfsChange(*local)
+                buf[DINODE_SIZE : DINODE_SIZE + StatfsChange.SIZE] = folded.pack()
+                txn.dirty.add(addr)
+                txn.statfs_total, txn.statfs_free, txn.statfs_dinodes = (-v for v in local)
+                await self._commit(txn)
+                await self._flush()
+            await self.journal.checkpoint()
+        except (JournalError, DeviceError, FormatError) as e:
+            raise self._withdraw(f"sync failed: {e}") from e
+
+    async def statfs(self) -> StatFs:
+        self._check_alive(False)
+        total, free = sum(e.data for e in self.alloc.entries), self.alloc.free_total
+        dinodes = 0
+        for index in range(len(self.alloc.entries)):
+            dinodes += (await self.alloc.rgrp(index)).header.dinodes
+        return StatFs(
+            bsize=self.bsize,
+            blocks=total,
+            bfree=free,
+            bavail=free,
+            files=dinodes + free,
+            ffree=free,
+        )
+
+    async def getattr(self, ino: int) -> Attr:
+        ip = self.inodes.get(ino)
+        if ip is not None and self.withdrawn is None:
+            return self._attr(ip)
+        async with self._op(write=False):
+            return self._attr(await self._inode(ino))
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        _check_name(name)
+        async with self._op(write=False):
+            dip = await self._dir(parent)
+            found = await self.dirs.lookup(dip, name)
+            if found is None:
+                raise FsError(errno.ENOENT)
+            ip = await self._inode(found.dirent.inum.addr)
+            if ip.di.formal != found.dirent.inum.formal:
+                raise FormatError(
+                    f"directory {parent}: entry {name!r} has formal number "
+                    f"{found.dirent.inum.formal}, inode has {ip.di.formal}"
+                )
+            return self._attr(ip)
+
+    async def readlink(self, ino: int) -> bytes:
+        async with self._op(write=False):
+            ip = await self._inode(ino)
+            if not ip.di.is_lnk():
+                raise FsError(errno.EINVAL)
+            return await self.files.read(ip, 0, ip.di.size)
+
+    async def readdir(self, ino: int, cookie: int) -> list[tuple[bytes, Attr, int]]:
+        async with self._op(write=False):
+            dip = await self._dir(ino)
+            out = []
+            for dirent, next_cookie in await self.dirs.readdir(dip, cookie, READDIR_BATCH):
+                ip = await self._inode(dirent.inum.addr)
+                out.append((dirent.name, self._attr(ip), next_cookie))
+            return out
+
+    # ============================================================ namespace
+
+    async def _insert_new(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        uid: int,
+        gid: int,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Attr:
+        _check_name(name)
+        async with self._op() as txn:
+            dip = await self._dir(parent)
+            await self._hold(txn, parent)
+            if await self.dirs.lookup(dip, name) is not None:
+                raise FsError(errno.EEXIST)
+            self._reserve(4)
+            ip = await self._new_inode(txn, dip, mode, uid, gid, rdev)
+            if target is not None:
+                await self.files.write(txn, ip, 0, target)
+            await self.dirs.add(txn, dip, name, ip.di.inum, dt_from_mode(mode))
+            if ip.di.is_dir():
+                dip.di.nlink += 1
+            self._stamp(dip, txn, mtime=True)
+            return self._attr(ip)
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
+    ) -> Attr:
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+        if stat.S_IFMT(mode) not in _SPECIAL_TYPES:
+            raise FsError(errno.EINVAL, f"create cannot make mode {mode:o}")
+        return await self._insert_new(parent, name, mode, uid, gid, rdev)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
+        return await self._insert_new(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
+        if not target:
+            raise FsError(errno.ENOENT)
+        if len(target) >= self.geo.stuffed_size:
+            raise FsError(errno.ENAMETOOLONG)
+        return await self._insert_new(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        _check_name(new_name)
+        async with self._op() as txn:
+            dip = await self._dir(new_parent)
+            await self._hold(txn, new_parent)
+            await self._hold(txn, ino)
+            ip = await self._inode(ino)
+            if ip.di.is_dir():
+                raise FsError(errno.EPERM)
+            if ip.di.nlink == 0:
+                raise FsError(errno.ENOENT)
+            if ip.di.nlink >= 0xFFFFFFFF:
+                raise FsError(errno.EMLINK)
+            if await self.dirs.lookup(dip, new_name) is not None:
+                raise FsError(errno.EEXIST)
+            self._reserve(2)
+            await self.dirs.add(txn, dip, new_name, ip.di.inum, dt_from_mode(ip.di.mode))
+            ip.di.nlink += 1
+            self._stamp(ip, txn)
+            self._stamp(dip, txn, mtime=True)
+            return self._attr(ip)
+
+    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
+        _check_name(name)
+        async with self._op() as txn:
+            dip = await self._dir(parent)
+            await self._hold(txn, parent)
+            if want_dir and name == b".":
+                raise FsError(errno.EINVAL)
+            if want_dir and name == b"..":
+                raise FsError(errno.ENOTEMPTY)
+            found = await self.dirs.lookup(dip, name)
+            if found is None:
+                raise FsError(errno.ENOENT)
+            await self._hold(txn, found.dirent.inum.addr)
+            ip = await self._inode(found.dirent.inum.addr)
+            if want_dir:
+                if not ip.di.is_dir():
+                    raise FsError(errno.ENOTDIR)
+                if ip.di.entries > 2:
+                    raise FsError(errno.ENOTEMPTY)
+            elif ip.di.is_dir():
+                raise FsError(errno.EISDIR)
+            await self._unlink_found(txn, dip, found, ip)
+
+    async def _unlink_found(self, txn: FsTxn, dip: Inode, found: Found, ip: Inode) -> None:
+        await self.dirs.remove(txn, dip, found)
+        if ip.di.is_dir():
+            dip.di.nlink -= 1
+        self._stamp(dip, txn, mtime=True)
+        await self._drop_link(txn, ip)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._remove(parent, name, want_dir=False)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._remove(parent, name, want_dir=True)
+
+    async def _is_ancestor(self, ancestor: int, ino: int) -> bool:
+        """True if directory `ancestor` is `ino` or lies on its path to the root."""
+        seen = 0
+        while True:
+            if ino == ancestor:
+                return True
+            if ino == self.root_ino:
+                return False
+            seen += 1
+            if seen > 1 << 16:
+                raise FormatError(f"'..' chain from {ino} does not reach the root")
+            found = await self.dirs.lookup(await self._inode(ino), b"..")
+            if found is None:
+                raise FormatError(f"directory {ino} has no '..'")
+            ino = found.dirent.inum.addr
+
+    async def rename(
+        self,
+        old_parent: int,
+        old_name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int = 0,
+    ) -> None:
+        _check_name(old_name)
+        _check_name(new_name)
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
+            flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE
+        ):
+            raise FsError(errno.EINVAL)
+        if old_name in (b".", b"..") or new_name in (b".", b".."):
+            raise FsError(errno.EINVAL if old_name == b"." or new_name == b"." else errno.EBUSY)
+        async with self._op() as txn:
+            odp = await self._dir(old_parent)
+            ndp = await self._dir(new_parent)
+            for ino in sorted({old_parent, new_parent}):
+                await self._hold(txn, ino)
+            src = await self.dirs.lookup(odp, old_name)
+            if src is None:
+                raise FsError(errno.ENOENT)
+            dst = await self.dirs.lookup(ndp, new_name)
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise FsError(errno.EEXIST)
+            if dst is None and flags & RENAME_EXCHANGE:
+                raise FsError(errno.ENOENT)
+            sip = await self._inode(src.dirent.inum.addr)
+            dip = await self._inode(dst.dirent.inum.addr) if dst is not None else None
+            if dip is not None and dip.addr == sip.addr:
+                return
+            cross = old_parent != new_parent
+            if sip.di.is_dir() and cross and await self._is_ancestor(sip.addr, new_parent):
+                raise FsError(errno.EINVAL)
+            if flags & RENAME_EXCHANGE:
+                assert dip is not None and dst is not None
+                if dip.di.is_dir() and cross and await self._is_ancestor(dip.addr, old_parent):
+                    raise FsError(errno.EINVAL)
+                await self._exchange(txn, odp, src, sip, ndp, dst, dip)
+                return
+            if dip is not None:
+                if sip.di.is_dir():
+                    if not dip.di.is_dir():
+                        raise FsError(errno.ENOTDIR)
+                    if dip.di.entries > 2:
+                        raise FsError(errno.ENOTEMPTY)
+                elif dip.di.is_dir():
+                    raise FsError(errno.EISDIR)
+            self._reserve(4)
+            await self._hold(txn, sip.addr)
+            if dip is not None:
+                assert dst is not None
+                await self._hold(txn, dip.addr)
+                await self._unlink_found(txn, ndp, dst, dip)
+            src = await self.dirs.lookup(odp, old_name)
+            assert src is not None
+            await self.dirs.remove(txn, odp, src)
+            await self.dirs.add(txn, ndp, new_name, sip.di.inum, dt_from_mode(sip.di.mode))
+            if sip.di.is_dir() and cross:
+                await self._set_dotdot(txn, sip, ndp)
+                odp.di.nlink -= 1
+                ndp.di.nlink += 1
+            self._stamp(sip, txn)
+            self._stamp(odp, txn, mtime=True)
+            self._stamp(ndp, txn, mtime=True)
+
+    async def _set_dotdot(self, txn: FsTxn, ip: Inode, parent: Inode) -> None:
+        found = await self.dirs.lookup(ip, b"..")
+        if found is None:
+            raise FormatError(f"directory {ip.addr} has no '..'")
+        await self.dirs.set_target(txn, ip, found, parent.di.inum, dt_from_mode(parent.di.mode))
+
+    async def _exchange(
+        self, txn: FsTxn, odp: Inode, src: Found, sip: Inode, ndp: Inode, dst: Found, dip: Inode
+    ) -> None:
+        await self._hold(txn, sip.addr)
+        await self._hold(txn, dip.addr)
+        await self.dirs.set_target(txn, odp, src, dip.di.inum, dt_from_mode(dip.di.mode))
+        dst = await self.dirs.lookup(ndp, dst.dirent.name) or dst
+        await self.dirs.set_target(txn, ndp, dst, sip.di.inum, dt_from_mode(sip.di.mode))
+        if odp.addr != ndp.addr:
+            if sip.di.is_dir():
+                await self._set_dotdot(txn, sip, ndp)
+                odp.di.nlink -= 1
+                ndp.di.nlink += 1
+            if dip.di.is_dir():
+                await self._set_dotdot(txn, dip, odp)
+                ndp.di.nlink -= 1
+                odp.di.nlink += 1
+        for ip in (sip, dip):
+            self._stamp(ip, txn)
+        self._stamp(odp, txn, mtime=True)
+        self._stamp(ndp, txn, mtime=True)
+
+    # ============================================================ attributes
+
+    async def setattr(self, ino: int, changes: SetAttr) -> Attr:
+        async with self._op() as txn:
+            await self._hold(txn, ino)
+            ip = await self._inode(ino)
+            di = ip.di
+            now = time.time_ns()
+            if changes.size is not None and changes.size != di.size:
+                if di.is_dir():
+                    raise FsError(errno.EISDIR)
+                if not di.is_reg():
+                    raise FsError(errno.EINVAL)
+                if changes.size < 0:
+                    raise FsError(errno.EINVAL)
+                if changes.size > self.geo.heightsize[self.geo.max_height]:
+                    raise FsError(errno.EFBIG)
+                self._reserve(self.geo.max_height + 1)
+                await self.files.truncate(txn, ip, changes.size)
+                if changes.mtime_ns is None:
+                    di.mtime, di.mtime_nsec = _split_ns(now)
+            if changes.mode is not None:
+                di.mode = stat.S_IFMT(di.mode) | (changes.mode & 0o7777)
+            if changes.uid is not None:
+                di.uid = changes.uid
+            if changes.gid is not None:
+                di.gid = changes.gid
+            if changes.atime_ns is not None:
+                di.atime, di.atime_nsec = _split_ns(
+                    now if changes.atime_ns == NOW else changes.atime_ns
+                )
+            if changes.mtime_ns is not None:
+                di.mtime, di.mtime_nsec = _split_ns(
+                    now if changes.mtime_ns == NOW else changes.mtime_ns
+                )
+            ctime = now if changes.ctime_ns in (None, NOW) else changes.ctime_ns
+            di.ctime, di.ctime_nsec = _split_ns(ctime)
+            txn.inodes.add(ip)
+            return self._attr(ip)
+
+    # ================================================================ data
+
+    async def read(self, ino: int, offset: int, size: int) -> bytes:
+        if offset < 0 or size < 0:
+            raise FsError(errno.EINVAL)
+        async with self._op(write=False):
+            ip = await self._inode(ino)
+            if ip.di.is_dir():
+                raise FsError(errno.EISDIR)
+            return await self.files.read(ip, offset, size)
+
+    async def write(self, ino: int, offset: int, data: bytes) -> int:
+        if offset < 0:
+            raise FsError(errno.EINVAL)
+        end = offset + len(data)
+        if end > self.geo.heightsize[self.geo.max_height] or end > (1 << 63) - 1:
+            raise FsError(errno.EFBIG)
+        blocks = -(-len(data) // self.bsize) + 2
+        await self._check_space(blocks + 2 * self.geo.max_height)
+        async with self._op() as txn:
+            await self._hold(txn, ino)
+            ip = await self._inode(ino)
+            if not ip.di.is_reg():
+                raise FsError(errno.EISDIR if ip.di.is_dir() else errno.EINVAL)
+            self._reserve(blocks + 2 * self.geo.max_height)
+            written = await self.files.write(txn, ip, offset, data)
+            self._stamp(ip, txn, mtime=True)
+            if ip.di.mode & (stat.S_ISUID | stat.S_ISGID):
+                ip.di.mode &= ~stat.S_ISUID
+                if ip.di.mode & stat.S_IXGRP:
+                    ip.di.mode &= ~stat.S_ISGID
+            return written
+
+    async def _check_space(self, blocks: int) -> None:
+        """Before the operation: flush to free pinned blocks if that is what it takes."""
+        if self.alloc.available < blocks + META_RESERVE and self.alloc.pinned:
+            async with self._lock:
+                self._check_alive(True)
+                await self._flush()
+
+    async def fsync(self, ino: int, datasync: bool) -> None:
+        self._check_alive(False)
+        if self.readonly:
+            return
+        async with self._lock:
+            try:
+                await self.device.flush()
+                await self._flush()
+            except (JournalError, DeviceError) as e:
+                raise self._withdraw(f"fsync failed: {e}") from e
+
+    async def _open_file(self, ino: int) -> None:
+        async with self._op(write=False):
+            ip = await self._inode(ino)
+            ip.open_count += 1
+
+    open = _HybridMethod(_mount, _open_file)
+
+    async def release(self, ino: int) -> None:
+        ip = self.inodes.get(ino)
+        if ip is None:
+            return
+        ip.open_count = max(0, ip.open_count - 1)
+        if ip.open_count == 0 and ip.unlinked and not ip.freed and not self.readonly:
+            async with self._op() as txn:
+                await self._hold(txn, ino)
+                if ip.open_count == 0 and not ip.freed:
+                    await self._dealloc(txn, ip)
+
+    async def forget(self, ino: int) -> None:
+        ip = self.inodes.get(ino)
+        if ip is not None and ip.open_count == 0 and not ip.unlinked:
+            del self.inodes[ino]
+            ip.hash_table = None
+
+    # ================================================================ xattrs
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        async with self._op(write=False):
+            return await self.xattrs.get(await self._inode(ino), name)
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
+        async with self._op() as txn:
+            await self._hold(txn, ino)
+            ip = await self._inode(ino)
+            self._reserve(len(value) // self.geo.jbsize + 4)
+            await self.xattrs.set(txn, ip, name, value, flags)
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        async with self._op(write=False):
+            return await self.xattrs.list(await self._inode(ino))
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        async with self._op() as txn:
+            await self._hold(txn, ino)
+            await self.xattrs.remove(txn, await self._inode(ino), name)
+
+    # ========================================================== background
+
+    async def run_periodic_flush(self) -> None:
+        """Flush the log every commit_interval seconds (GFS2's commit= option); the
+        FUSE layer runs this in its nursery for the life of the mount."""
+        while not self._closed and self.withdrawn is None and not self.readonly:
+            await trio.sleep(self.commit_interval)
+            if self._closed or self.withdrawn is not None:
+                return
+            async with self._lock:
+                if time.monotonic() - self._last_flush >= self.commit_interval * 0.5:
+                    try:
+                        await self._flush()
+                    except (JournalError, DeviceError) as e:
+                        self._withdraw(f"periodic flush failed: {e}")
+                        return
