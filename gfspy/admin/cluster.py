@@ -137,20 +137,26 @@ def format_lockdump(d: dict[str, Any]) -> str:
     lines = [
         f"lockspace {d.get('lockspace')}"
         + (f"  view {d['epoch']}" if "epoch" in d else "")
-        + ("" if d.get("running", True) else "  (STOPPED)")
+        + ("" if d.get("running", True) else "  (STOPPED: membership change in progress)")
     ]
     resources = d.get("resources", [])
-    if not resources:
-        lines.append("  no resources")
+    lines.append("resources mastered here:" if resources else "resources mastered here: none")
     for r in resources:
         lines.append(
-            f"resource {r.get('name')!s}  master {r.get('master', '-')}"
+            f"  {r.get('name')!s}  master {r.get('master', '-')}"
             + (f"  lvbseq {r['lvbseq']}" if "lvbseq" in r else "")
             + ("  LVB INVALID" if r.get("lvb_invalid") else "")
         )
         for queue in ("granted", "convert", "waiting"):
             for lk in r.get(queue, []):
-                lines.append(f"  {queue:<8} {lk}")
+                lines.append(f"    {queue:<8} {lk}")
+    locks = d.get("locks", [])
+    lines.append("locks held or requested by this node:" if locks else "locks of this node: none")
+    for lk in locks:
+        lines.append(
+            f"  lkid {lk['lkid']:<6} {lk['name']!s:<24} {lk['mode']:<3} master {lk['master']}"
+            + (f"  ({lk['op']} in progress)" if lk.get("op") else "")
+        )
     return "\n".join(lines)
 
 

@@ -22,8 +22,9 @@ EXIT_DEGRADED = 1
 EXIT_USAGE = 2
 
 DESCRIPTION = """\
-Open the NBD paths given as comma-separated URIs (nbd://HOST[:PORT]/EXPORT, optionally
-?control=HOST:PORT for the server's control channel and &node=NAME for the identity to
+Open the NBD paths given as comma-separated URIs (nbd://HOST[:PORT]/EXPORT, or
+nbds://...?tls-certificates=DIR for TLS with a client certificate; optionally
+control=HOST:PORT for the server's control channel and node=NAME for the identity to
 declare), check each once, and print the path groups with their states:
 
   group status:  active (in use), enabled (usable standby), failed (no usable path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import ssl
 import sys
 from typing import Any
 
@@ -19,6 +20,7 @@ from gfspy.blockd.control_client import (
     server_status,
     unfence_node,
 )
+from gfspy.blockd.tls import client_context
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -58,6 +60,31 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _add_tls_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group(
+        "TLS", "needed when the servers run with TLS: an administrator certificate"
+    )
+    group.add_argument("--tls-cert", metavar="FILE", help="our certificate (PEM, CN admin)")
+    group.add_argument("--tls-key", metavar="FILE", help="its private key (PEM)")
+    group.add_argument("--tls-ca", metavar="FILE", help="CA of the servers' certificates")
+
+
+class _SetupError(Exception):
+    pass
+
+
+def _ssl_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    files = (args.tls_cert, args.tls_key, args.tls_ca)
+    if not any(files):
+        return None
+    if not all(files):
+        raise _SetupError("--tls-cert, --tls-key and --tls-ca go together")
+    try:
+        return client_context(*files)
+    except (OSError, ssl.SSLError) as e:
+        raise _SetupError(f"cannot load TLS files: {e}") from None
+
+
 def register(subparsers: Any) -> None:
     storage = subparsers.add_parser(
         "storage",
@@ -76,6 +103,7 @@ def register(subparsers: Any) -> None:
     status.add_argument("--control", required=True, metavar="HOST:PORT", help="control address")
     status.add_argument("--json", action="store_true", help="print the raw answer as JSON")
     status.add_argument("--timeout", type=_positive_float, default=10.0, metavar="SECONDS")
+    _add_tls_options(status)
     status.set_defaults(func=cmd_status)
 
     fence = subparsers.add_parser(
@@ -109,6 +137,7 @@ def register(subparsers: Any) -> None:
         metavar="SECONDS",
         help="give up on a server that has not answered by then (120)",
     )
+    _add_tls_options(fence)
     fence.set_defaults(func=cmd_fence)
 
     unfence = subparsers.add_parser(
@@ -129,6 +158,7 @@ def register(subparsers: Any) -> None:
         help="membership epoch; refused if older than the fence (default: override)",
     )
     unfence.add_argument("--timeout", type=_positive_float, default=30.0, metavar="SECONDS")
+    _add_tls_options(unfence)
     unfence.set_defaults(func=cmd_unfence)
 
 
@@ -159,9 +189,20 @@ def _report(results: dict[str, dict], want: str) -> int:
 
 
 def cmd_fence(args: argparse.Namespace) -> int:
+    try:
+        context = _ssl_context(args)
+    except _SetupError as e:
+        print(f"gfspy fence: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
     async def call(server: str) -> dict:
         return await fence_node(
-            server, args.node, args.epoch, args.incarnation, timeout=args.timeout
+            server,
+            args.node,
+            args.epoch,
+            args.incarnation,
+            timeout=args.timeout,
+            ssl_context=context,
         )
 
     results = trio.run(_call_all, args.server, call)
@@ -172,16 +213,27 @@ def cmd_fence(args: argparse.Namespace) -> int:
 
 
 def cmd_unfence(args: argparse.Namespace) -> int:
+    try:
+        context = _ssl_context(args)
+    except _SetupError as e:
+        print(f"gfspy unfence: {e}", file=sys.stderr)
+        return EXIT_FAILED
+
     async def call(server: str) -> dict:
-        return await unfence_node(server, args.node, args.epoch, timeout=args.timeout)
+        return await unfence_node(
+            server, args.node, args.epoch, timeout=args.timeout, ssl_context=context
+        )
 
     return _report(trio.run(_call_all, args.server, call), "OK")
 
 
 def cmd_status(args: argparse.Namespace) -> int:
     try:
-        answer = trio.run(lambda: server_status(args.control, timeout=args.timeout))
-    except ControlError as e:
+        context = _ssl_context(args)
+        answer = trio.run(
+            lambda: server_status(args.control, timeout=args.timeout, ssl_context=context)
+        )
+    except (ControlError, _SetupError) as e:
         print(f"gfspy storage status: {e}", file=sys.stderr)
         return EXIT_FAILED
     if args.json:

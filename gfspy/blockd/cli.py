@@ -39,6 +39,9 @@ client may declare itself in the export name as NAME@NODE:INCARNATIONHEX (NOT
 authenticated, for tests and trusted networks only); a plain NAME gets the anonymous
 identity anon-<peer IP>.  A fenced node is refused (NBD_REP_ERR_POLICY "fenced") and its
 open sessions get EPERM, until the node is unfenced or a new incarnation is admitted.
+
+Each export's description (NBD_INFO_DESCRIPTION) reads "wwid=W; path=P; session=ID";
+ID names this connection for SESSION_FENCE.
 """
 
 EPILOG = """\
@@ -46,8 +49,10 @@ control channel:
   --control opens a TCP port taking length-prefixed msgpack requests: ADMIT, FENCE,
   UNFENCE, SESSION_FENCE, STATUS (see `gfspy fence`, `gfspy storage status`).  FENCE is
   answered CONFIRMED only after the ban is on disk and every I/O already dispatched for
-  the node has finished and its connections are closed; FAILED otherwise.  Bind it to
-  an address only the cluster managers can reach.
+  the node has finished and its connections are closed; FAILED otherwise.  With TLS the
+  control channel needs TLS too, with a certificate whose CN is an --admin-cn, so a
+  fenced node cannot unfence itself; without TLS, bind it to an address only the
+  cluster managers can reach.
 
 exit status:
   0  stopped by SIGTERM or SIGINT
@@ -82,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", metavar="FILE", help="server certificate (PEM); requires TLS")
     p.add_argument("--tls-key", metavar="FILE", help="server private key (PEM)")
     p.add_argument("--tls-ca", metavar="FILE", help="CA that signs client certificates (PEM)")
+    p.add_argument(
+        "--admin-cn",
+        action="append",
+        metavar="NAME",
+        help="with TLS, certificate CN allowed on the control channel (repeatable; default: admin)",
+    )
     p.add_argument(
         "--wwid",
         action="append",
@@ -194,7 +205,12 @@ async def _serve(args: argparse.Namespace, server: BlockServer) -> None:
         await nursery.start(server.run_background)
         nursery.start_soon(trio.serve_listeners, server.handle_nbd, nbd_listeners)
         if control_listeners:
-            handler = functools.partial(handle_control, server)
+            handler = functools.partial(
+                handle_control,
+                server,
+                tls_context=server.tls_context,
+                admins=frozenset(args.admin_cn or ["admin"]),
+            )
             nursery.start_soon(trio.serve_listeners, handler, control_listeners)
         log.info(
             "serving NBD on %s, control on %s",
@@ -224,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if any(tls_files) and not all(tls_files):
             raise UsageError("--tls-cert, --tls-key and --tls-ca go together")
+        if args.admin_cn and not args.tls_cert:
+            raise UsageError("--admin-cn needs TLS (--tls-cert, --tls-key, --tls-ca)")
         parse_hostport(args.listen, NBD_DEFAULT_PORT)
         if args.control:
             parse_hostport(args.control)

@@ -7,7 +7,9 @@ and a malformed frame closes that connection, neither touches the server.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import ssl
 from typing import Any
 
 import trio
@@ -19,6 +21,7 @@ from gfspy.blockd.control_wire import (
     encode_frame,
 )
 from gfspy.blockd.server import BlockServer
+from gfspy.blockd.tls import common_name
 
 log = logging.getLogger(__name__)
 
@@ -81,15 +84,53 @@ async def dispatch(server: BlockServer, req: dict) -> dict[str, Any]:
     return {"status": STATUS_ERROR, "reason": f"unknown op {op!r}"}
 
 
-async def handle_control(server: BlockServer, stream: trio.SocketStream) -> None:
-    """Serve request/response frames on one control connection until it closes."""
+TLS_HANDSHAKE_TIMEOUT = 30.0
+
+
+async def _authenticate(
+    stream: trio.SocketStream, peer: str, context: ssl.SSLContext, admins: frozenset[str]
+) -> trio.SSLStream | None:
+    """TLS with a client certificate whose CN is an administrator, else None."""
+    tls = trio.SSLStream(stream, context, server_side=True)
+    try:
+        with trio.fail_after(TLS_HANDSHAKE_TIMEOUT):
+            await tls.do_handshake()
+    except (trio.BrokenResourceError, trio.TooSlowError, ssl.SSLError) as e:
+        log.warning("control %s: TLS handshake failed: %r", peer, e.__cause__ or e)
+        return None
+    name = common_name(tls.getpeercert())
+    if name not in admins:
+        log.warning("control %s: certificate CN %s is not an administrator; closing", peer, name)
+        return None
+    return tls
+
+
+async def handle_control(
+    server: BlockServer,
+    stream: trio.SocketStream,
+    *,
+    tls_context: ssl.SSLContext | None = None,
+    admins: frozenset[str] = frozenset(),
+) -> None:
+    """Serve request/response frames on one control connection until it closes.
+
+    With `tls_context`, the peer must present a certificate whose CN is in `admins`.
+    """
     try:
         peer = "{}:{}".format(*stream.socket.getpeername()[:2])
     except OSError:
         peer = "?"
     decoder = FrameDecoder()
+    channel: trio.abc.Stream = stream
+    if tls_context is not None:
+        authenticated = await _authenticate(stream, peer, tls_context, admins)
+        if authenticated is None:
+            with contextlib.suppress(trio.BrokenResourceError, OSError):
+                await stream.aclose()
+            return
+        channel = authenticated
     try:
-        async with stream:
+        async with channel:
             while True:
                 try:
                     request = decoder.next_frame()
@@ -97,7 +138,7 @@ async def handle_control(server: BlockServer, stream: trio.SocketStream) -> None
                     log.warning("control %s: %s; closing", peer, e)
                     return
                 if request is None:
-                    data = await stream.receive_some(65536)
+                    data = await channel.receive_some(65536)
                     if not data:
                         if decoder.pending:
                             log.warning("control %s: truncated frame at close", peer)
@@ -106,8 +147,8 @@ async def handle_control(server: BlockServer, stream: trio.SocketStream) -> None
                     continue
                 log.info("control %s: %s", peer, {k: v for k, v in request.items()})
                 answer = await dispatch(server, request)
-                await stream.send_all(encode_frame(answer))
-    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
+                await channel.send_all(encode_frame(answer))
+    except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, ssl.SSLError) as e:
         log.info("control %s: connection lost: %s", peer, e)
     except Exception:
         log.exception("control %s: internal error; connection dropped", peer)

@@ -170,10 +170,12 @@ class BlockServer:
         return None
 
     def _victims(self, node: str, incarnation: int | None) -> list[Session]:
+        """The node's sessions a fence covers; one that never declared an incarnation
+        might be the banned one, so it is always included."""
         return [
             s
             for s in self.sessions.values()
-            if s.node == node and (incarnation is None or s.incarnation == incarnation)
+            if s.node == node and (incarnation is None or s.incarnation in (None, incarnation))
         ]
 
     async def _drain_and_close(self, sessions: list[Session]) -> str | None:

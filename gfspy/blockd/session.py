@@ -10,7 +10,9 @@ last dispatched one has come back from the kernel.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
+import math
 import socket
 import ssl
 import time
@@ -20,7 +22,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gfspy.blockd.backend import BackendError, ReadBuffer, allocate_buffer, release_payload
-from gfspy.blockd.reply_writer import ReplyWriter, reply_writer_for
+from gfspy.blockd.reply_writer import ReplyWriter, WriterBroken, reply_writer_for
+from gfspy.blockd.tls import common_name
 from gfspy.nbd import server_proto as sp
 from gfspy.nbd import wire
 from gfspy.nbd.wire import Cmd, CmdFlag, NbdErrno, Opt, Rep
@@ -33,18 +36,12 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 1024 * 1024
 MAX_IN_FLIGHT = 64  # requests of one connection being executed at once
 HANDSHAKE_TIMEOUT = 60.0  # a client must finish option haggling within this
+_NO_LIMIT = trio.CapacityLimiter(math.inf)  # the server's io_limiter is taken beforehand
 
 
 def peer_common_name(stream: trio.SSLStream) -> str | None:
     """The CN of the verified client certificate: the node's authenticated name."""
-    cert = stream.getpeercert()
-    if not cert:
-        return None
-    for rdn in cert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+    return common_name(stream.getpeercert())
 
 
 class Session:
@@ -92,7 +89,7 @@ class Session:
     async def close(self) -> None:
         """Hard-disconnect and wait until the connection is fully torn down."""
         if self._writer is not None:
-            self._writer.abort()  # replies stuck behind a client that stopped reading
+            self._writer.finish(abort=True)  # replies stuck behind a client not reading
         if isinstance(self.stream, trio.SocketStream):
             with contextlib.suppress(OSError):
                 self.stream.socket.shutdown(socket.SHUT_RDWR)
@@ -306,7 +303,25 @@ class Session:
     # --- transmission -----------------------------------------------------------
 
     async def _transmission(self, conn: sp.ServerConnection) -> None:
-        self._writer = reply_writer_for(self.stream)
+        writer = self._writer = reply_writer_for(self.stream, self._writer_broke)
+        async with trio.open_nursery() as outer:
+            if writer.threaded:
+                outer.start_soon(
+                    functools.partial(trio.to_thread.run_sync, writer.run, limiter=_NO_LIMIT)
+                )
+            try:
+                await self._serve_requests(conn)
+            except BaseException:
+                writer.finish(abort=True)
+                raise
+            writer.finish(abort=False)  # the thread writes what is queued, then ends
+
+    def _writer_broke(self, reason: str) -> None:
+        """The reply writer thread lost the connection: end the session."""
+        log.info("session %s from %s: cannot send replies: %s", self.id, self.peer, reason)
+        self._cancel.cancel()
+
+    async def _serve_requests(self, conn: sp.ServerConnection) -> None:
         async with trio.open_nursery() as nursery:
             while True:
                 event = conn.next_event()
@@ -339,15 +354,41 @@ class Session:
                     break
             # Falling out of the nursery waits for every request already started.
 
-    async def _send_reply(self, header: bytes, payload: bytes | memoryview = b"") -> bool:
-        """Send one reply; False (logged) when the connection broke."""
+    async def _send_reply(self, header: bytes, data: ReadBuffer | None = None) -> bool:
+        """Send (or queue) one reply; False (logged) when the connection broke.
+
+        The writer owns `data` from here on and releases it once it is on the wire.
+        """
         assert self._writer is not None
         try:
-            await self._writer.send(header, payload)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
+            if data is None:
+                await self._writer.send(header)
+            else:
+                await self._writer.send(header, data.view, data.release)
+        except WriterBroken as e:
             log.info("session %s from %s: cannot send reply: %s", self.id, self.peer, e)
             return False
         return True
+
+    async def _dispatch(
+        self, req: wire.Request, payload: sp.Payload
+    ) -> tuple[int, ReadBuffer | None]:
+        """Run the backend operation in a worker thread, counted for fencing's drain."""
+        operation = self._operation(req, payload)
+        self.dispatched += 1
+        self.queued -= 1
+        try:
+            # Not abandonable: the count drops only once the syscall has returned.
+            return 0, await trio.to_thread.run_sync(operation, limiter=_NO_LIMIT)
+        except BackendError as e:
+            log.error("session %s: %s -> %s", self.id, e.strerror, e.nbd_error.name)
+            return e.nbd_error, None
+        finally:
+            self.queued += 1
+            self.dispatched -= 1
+            if self.dispatched == 0:
+                self._drained.set()
+                self._drained = trio.Event()
 
     def _operation(self, req: wire.Request, payload: sp.Payload) -> Callable[[], ReadBuffer | None]:
         assert self.export is not None
@@ -370,35 +411,28 @@ class Session:
         error: int = 0
         data: ReadBuffer | None = None
         try:
-            if self.fencing:
-                error = NbdErrno.EPERM
-                self._refused_fenced += 1
-                if self._refused_fenced == 1:
-                    log.warning("session %s (node %s): refusing I/O with EPERM", self.id, self.node)
-            elif self.server.shutting_down:
-                error = NbdErrno.ESHUTDOWN
-            else:
-                operation = self._operation(req, payload)
-                self.dispatched += 1
-                self.queued -= 1
-                try:
-                    data = await trio.to_thread.run_sync(operation, limiter=self.server.io_limiter)
-                except BackendError as e:
-                    error = e.nbd_error
-                    log.error("session %s: %s -> %s", self.id, e.strerror, e.nbd_error.name)
-                finally:
-                    self.queued += 1
-                    self.dispatched -= 1
-                    if self.dispatched == 0:
-                        self._drained.set()
-                        self._drained = trio.Event()
+            # Wait for a worker slot *before* deciding: a request still waiting here when
+            # a fence starts has not been dispatched, so it is refused, not run.
+            async with self.server.io_limiter:
+                if self.fencing:
+                    error = NbdErrno.EPERM
+                    self._refused_fenced += 1
+                    if self._refused_fenced == 1:
+                        log.warning(
+                            "session %s (node %s): refusing I/O with EPERM", self.id, self.node
+                        )
+                elif self.server.shutting_down:
+                    error = NbdErrno.ESHUTDOWN
+                else:
+                    error, data = await self._dispatch(req, payload)
             if not error:
                 if req.type == Cmd.READ:
                     self.bytes_read += req.length
                 elif req.type == Cmd.WRITE:
                     self.bytes_written += req.length
             reply = wire.encode_simple_reply(error, req.cookie)
-            if not await self._send_reply(reply, data.view if data is not None else b""):
+            data, owned = None, data
+            if not await self._send_reply(reply, owned):
                 self._cancel.cancel()  # the connection is gone: stop reading it too
         finally:
             release_payload(payload)

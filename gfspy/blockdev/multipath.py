@@ -460,6 +460,7 @@ class MultipathDevice(SubmittingDevice):
                 quiesce.path.target,
                 quiesce.conn.session_id,
                 quiesce.conn.local_address,
+                control_tls=quiesce.conn.tls_context,
                 timeout=self.config.quiesce_timeout,
                 retry_interval=min(1.0, self.config.polling_interval),
                 lifetime_bound=self.config.request_lifetime_bound,

@@ -375,6 +375,7 @@ class NbdDevice(SubmittingDevice):
                 self.target,
                 old.session_id,
                 old.local_address,
+                control_tls=old.tls_context,
                 timeout=self.quiesce_timeout,
                 retry_interval=1.0,
                 lifetime_bound=self.request_lifetime_bound,

@@ -15,6 +15,7 @@ from __future__ import annotations
 import enum
 import errno
 import logging
+from collections import deque
 from dataclasses import dataclass, field
 
 from gfspy.nbd import wire
@@ -114,6 +115,48 @@ class ConnectionClosed:
 Event = Negotiated | Reply | ConnectionClosed | StartTLS
 
 
+class _ReceiveBuffer:
+    """Received bytes kept as the chunks they arrived in, so a 1 MiB read payload is
+    copied once (when it is taken out) rather than on every append and trim."""
+
+    def __init__(self) -> None:
+        self._chunks: deque[memoryview] = deque()
+        self._size = 0
+
+    def __len__(self) -> int:
+        return self._size
+
+    def append(self, data: bytes) -> None:
+        if data:
+            self._chunks.append(memoryview(data))
+            self._size += len(data)
+
+    def peek(self, n: int) -> bytes:
+        """The first `n` bytes (the caller checked that many are there), not consumed."""
+        out = bytearray()
+        for chunk in self._chunks:
+            out += chunk[: n - len(out)]
+            if len(out) >= n:
+                break
+        return bytes(out)
+
+    def take(self, n: int) -> bytes:
+        """Remove and return the first `n` bytes (the caller checked they are there)."""
+        parts = []
+        remaining = n
+        while remaining:
+            chunk = self._chunks[0]
+            if len(chunk) <= remaining:
+                parts.append(self._chunks.popleft())
+                remaining -= len(chunk)
+            else:
+                parts.append(chunk[:remaining])
+                self._chunks[0] = chunk[remaining:]
+                remaining = 0
+        self._size -= n
+        return b"".join(parts)
+
+
 @dataclass
 class _Inflight:
     command: int
@@ -129,7 +172,7 @@ class ClientConnection:
     tls: bool = False
     max_option_reply: int = wire.MAX_OPTION_DATA
     _state: _State = _State.GREETING
-    _buf: bytearray = field(default_factory=bytearray)
+    _buf: _ReceiveBuffer = field(default_factory=_ReceiveBuffer)
     _out: bytearray = field(default_factory=bytearray)
     _eof: bool = False
     _no_zeroes: bool = False
@@ -147,7 +190,7 @@ class ClientConnection:
     def receive_data(self, data: bytes) -> None:
         """Feed bytes read from the socket; b"" means the server closed its side."""
         if data:
-            self._buf += data
+            self._buf.append(data)
         else:
             self._eof = True
 
@@ -188,9 +231,7 @@ class ClientConnection:
     def _take(self, n: int) -> bytes | None:
         if len(self._buf) < n:
             return None
-        chunk = bytes(self._buf[:n])
-        del self._buf[:n]
-        return chunk
+        return self._buf.take(n)
 
     def _eof_check(self, what: str) -> _NeedData:
         if self._eof:
@@ -247,7 +288,7 @@ class ClientConnection:
     def _on_starttls_reply(self) -> Event | _NeedData | None:
         if len(self._buf) < wire.OPTION_REPLY_HEADER_SIZE:
             return self._eof_check("STARTTLS")
-        header = wire.decode_option_reply_header(bytes(self._buf[: wire.OPTION_REPLY_HEADER_SIZE]))
+        header = wire.decode_option_reply_header(self._buf.peek(wire.OPTION_REPLY_HEADER_SIZE))
         if header.opt != Opt.STARTTLS:
             raise NbdProtocolError(f"reply to option {header.opt}, but STARTTLS was asked")
         if header.length > self.max_option_reply:
@@ -255,10 +296,9 @@ class ClientConnection:
         total = wire.OPTION_REPLY_HEADER_SIZE + header.length
         if len(self._buf) < total:
             return self._eof_check("STARTTLS")
-        payload = bytes(self._buf[wire.OPTION_REPLY_HEADER_SIZE : total])
-        del self._buf[:total]
+        payload = self._buf.take(total)[wire.OPTION_REPLY_HEADER_SIZE :]
         if header.reply_type == Rep.ACK:
-            if self._buf:
+            if len(self._buf):
                 # Bytes after the ACK but before the TLS handshake: an injection attempt.
                 raise NbdProtocolError("plaintext data after the STARTTLS acknowledgement")
             self._state = _State.TLS_PENDING
@@ -277,7 +317,7 @@ class ClientConnection:
     def _on_option_reply(self) -> Event | _NeedData | None:
         if len(self._buf) < wire.OPTION_REPLY_HEADER_SIZE:
             return self._eof_check("option negotiation")
-        header = wire.decode_option_reply_header(bytes(self._buf[: wire.OPTION_REPLY_HEADER_SIZE]))
+        header = wire.decode_option_reply_header(self._buf.peek(wire.OPTION_REPLY_HEADER_SIZE))
         if header.opt != Opt.GO:
             raise NbdProtocolError(f"reply to option {header.opt}, but GO was asked")
         if header.length > self.max_option_reply:
@@ -285,8 +325,7 @@ class ClientConnection:
         total = wire.OPTION_REPLY_HEADER_SIZE + header.length
         if len(self._buf) < total:
             return self._eof_check("option negotiation")
-        payload = bytes(self._buf[wire.OPTION_REPLY_HEADER_SIZE : total])
-        del self._buf[:total]
+        payload = self._buf.take(total)[wire.OPTION_REPLY_HEADER_SIZE :]
         if header.reply_type == Rep.INFO:
             self._on_info(wire.decode_info(payload))
             return None
@@ -389,19 +428,20 @@ class ClientConnection:
         if self._current is None:
             if len(self._buf) < wire.SIMPLE_REPLY_SIZE:
                 if self._eof:
-                    if self._buf:
+                    if len(self._buf):
                         raise NbdProtocolError("server closed the connection mid-reply")
                     self._state = _State.CLOSED
                     return ConnectionClosed(tuple(self._inflight))
                 return NEED_DATA
-            magic = wire.peek_reply_magic(bytes(self._buf[:4]))
+            head = self._buf.peek(wire.SIMPLE_REPLY_SIZE)
+            magic = wire.peek_reply_magic(head)
             if magic == wire.STRUCTURED_REPLY_MAGIC:
                 raise NbdProtocolError("structured reply, but none were negotiated")
-            reply = wire.decode_simple_reply(bytes(self._buf[: wire.SIMPLE_REPLY_SIZE]))
+            reply = wire.decode_simple_reply(head)
             inflight = self._inflight.get(reply.cookie)
             if inflight is None:
                 raise NbdProtocolError(f"reply for unknown cookie {reply.cookie:#x}")
-            del self._buf[: wire.SIMPLE_REPLY_SIZE]
+            self._buf.take(wire.SIMPLE_REPLY_SIZE)
             self._current = (reply, inflight)
         reply, inflight = self._current
         need = inflight.length if inflight.command == Cmd.READ and reply.error == 0 else 0
@@ -411,9 +451,7 @@ class ClientConnection:
             return NEED_DATA
         data = b""
         if need:
-            with memoryview(self._buf) as view:
-                data = bytes(view[:need])
-            del self._buf[:need]
+            data = self._buf.take(need)
         self._current = None
         del self._inflight[reply.cookie]
         return Reply(reply.cookie, inflight.command, reply.error, data)

@@ -145,6 +145,9 @@ class NbdConnection:
         self._send_lock = trio.Lock()
         self._waiters: dict[int, _Waiter] = {}
         self._failure: PathError | FencedError | None = None
+        self._closing = False
+        #: The TLS context of an nbds:// session; control calls reuse its certificate.
+        self.tls_context: ssl.SSLContext | None = None
         self._reader_scope = trio.CancelScope()
         self.local_address: tuple[str, int] | None = None
         self.negotiated: Negotiated = proto.negotiated  # type: ignore[assignment]
@@ -199,6 +202,7 @@ class NbdConnection:
             err = socket_errno(e) or errno.ECONNRESET
             raise PathError(err, f"{target.server}: {os.strerror(err)}", sent=False) from None
         conn = cls(target, stream, proto)
+        conn.tls_context = context
         sock = getattr(getattr(stream, "transport_stream", stream), "socket", None)
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             conn.local_address = sock.getsockname()[:2]
@@ -301,6 +305,7 @@ class NbdConnection:
 
     def _fail(self, failure: PathError | FencedError, *, quiet: bool = False) -> None:
         """Mark the session dead and wake every waiter with the failure."""
+        quiet = quiet or self._closing
         if self._failure is None:
             self._failure = failure
             if not quiet:
@@ -337,6 +342,15 @@ class NbdConnection:
                                 )
                             )
                             return
+                    if not data:  # EOF the machine did not turn into an event: stop anyway
+                        self._fail(
+                            PathError(
+                                errno.ECONNRESET,
+                                f"{self.target.server}: server closed the connection",
+                                sent=True,
+                            )
+                        )
+                        return
         except NbdProtocolError as e:
             self._fail(PathError(errno.EPROTO, f"{self.target.server}: {e}", sent=True))
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
@@ -354,6 +368,7 @@ class NbdConnection:
 
     async def aclose(self) -> None:
         """Soft-disconnect (DISC) if the session is healthy, then close."""
+        self._closing = True  # the server hanging up after DISC is not a failure
         if self._failure is None and not self._waiters:
             with trio.move_on_after(1):
                 async with self._send_lock:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import ssl
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -37,24 +38,33 @@ async def obtain_quiesce_guarantee(
     *,
     timeout: float,
     retry_interval: float,
+    control_tls: ssl.SSLContext | None = None,
     lifetime_bound: float | None,
     is_fenced: Callable[[], bool],
 ) -> str | None:
     """Return how the old session is known drained, or None if that cannot be shown."""
     start = trio.current_time()
+    pause = min(0.05, retry_interval)  # a dying server refuses within moments: retry soon
     while trio.current_time() - start < timeout and not is_fenced():
         remaining = timeout - (trio.current_time() - start)
-        how = await _try_quiesce(target, session_id, local_address, min(remaining, 10.0))
+        how = await _try_quiesce(
+            target, session_id, local_address, min(remaining, 10.0), control_tls
+        )
         if how is not None:
             return how
         if lifetime_bound is not None and trio.current_time() - start >= lifetime_bound:
             return f"declared request lifetime bound of {lifetime_bound:g}s passed"
-        await trio.sleep(retry_interval)
+        await trio.sleep(pause)
+        pause = min(pause * 2, retry_interval)
     return None
 
 
 async def _try_quiesce(
-    target: NbdTarget, session_id: str | None, local_address: tuple[str, int] | None, timeout: float
+    target: NbdTarget,
+    session_id: str | None,
+    local_address: tuple[str, int] | None,
+    timeout: float,
+    control_tls: ssl.SSLContext | None,
 ) -> str | None:
     if target.control is None:
         # No control channel: only a server that is gone for sure can be trusted.
@@ -67,7 +77,9 @@ async def _try_quiesce(
     if session_id is None:
         # The server did not name the session in the handshake: find it by our address.
         try:
-            status = await control_client.server_status(target.control, timeout=timeout)
+            status = await control_client.server_status(
+                target.control, timeout=timeout, ssl_context=control_tls
+            )
         except control_client.ControlError as e:
             log.warning("%s: control STATUS failed: %s", target.server, e)
             return None
@@ -75,7 +87,9 @@ async def _try_quiesce(
         if session_id is None:
             return "server lists no session for our connection (drained and closed)"
     try:
-        answer = await control_client.session_fence(target.control, session_id, timeout=timeout)
+        answer = await control_client.session_fence(
+            target.control, session_id, timeout=timeout, ssl_context=control_tls
+        )
     except control_client.ControlError as e:
         log.warning("%s: SESSION_FENCE failed: %s", target.server, e)
         return None

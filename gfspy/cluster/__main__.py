@@ -36,9 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m gfspy.cluster",
         description=(
-            "Run the cluster daemon of one node: heartbeats on their own UDP socket, "
-            "agreed membership views numbered by epoch, quorum, fencing of failed nodes, "
-            "and the stop/start of DLM lockspaces in the safe order."
+            "Run the cluster daemon of one node: heartbeats on their own UDP socket,\n"
+            "agreed membership views numbered by epoch, quorum, fencing of failed\n"
+            "nodes, and the stop/start of DLM lockspaces in the safe order."
         ),
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,

@@ -269,6 +269,12 @@ class NodeDaemon:
                     now,
                 )
             self._poke_quorum()
+            # Stopped by a change that never became a view (a flapping witness, a healed
+            # partition with nobody removed): ask for a fresh view of the same members so
+            # every lockspace recovers together, instead of staying stopped for ever.
+            self.membership.want_restart = (
+                self.membership.is_member and self.driver.needs_view and self._last_quorate
+            )
             await self._apply(self.membership.tick(now))
             await trio.sleep(interval)
 

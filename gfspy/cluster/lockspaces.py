@@ -169,11 +169,13 @@ class ClusterLockspace:
 def _lock_text(row: dict[str, Any]) -> str:
     key = row["key"]
     owner = f"node {key[0]} lkid {key[1]}" if isinstance(key, tuple | list) else str(key)
-    mode = (
-        row["grmode"]
-        if row["rqmode"] in ("IV", row["grmode"])
-        else (f"{row['grmode']}->{row['rqmode']}")
-    )
+    granted, wanted = row["grmode"], row["rqmode"]
+    if granted == "IV":
+        mode = wanted  # waiting: only the requested mode means anything
+    elif wanted in ("IV", granted):
+        mode = granted
+    else:
+        mode = f"{granted}->{wanted}"
     return f"{mode:<8} {owner}"
 
 

@@ -139,6 +139,10 @@ class Membership:
         self.peer_members: dict[int, tuple[tuple[int, int], ...]] = {}  # ... and its members
         self.witnesses_reachable = 0
         self.fences_outstanding = False
+        #: Set by the owner when its lockspaces were stopped (quorum lost, peers unheard)
+        #: and can only restart through a new view, although the membership is the same.
+        self.want_restart = False
+        self.peer_restart: dict[int, bool] = {}
         self._in_flight: _InFlight | None = None
         self._change_announced = False
 
@@ -192,6 +196,7 @@ class Membership:
             "epoch": self.view.epoch,
             "members": [[m.node_id, m.incarnation] for m in self.view.members],
             "acked": self.highest_acked,
+            "restart": self.want_restart,
         }
 
     # ----- inputs --------------------------------------------------------------------
@@ -224,6 +229,7 @@ class Membership:
         self.highest_seen = max(self.highest_seen, epoch, acked)
         me = (self.my_id, self.incarnation)
         self.peer_members[sender] = members
+        self.peer_restart[sender] = bool(gossip.get("restart", False))
         ours = self.accepted.get(epoch)
         if ours is not None and ours.members == members:
             log.info("node %d: view %d completed from node %d's gossip", self.my_id, epoch, sender)
@@ -291,7 +297,10 @@ class Membership:
                     flight.last_sent = now
                     actions += self._send_proposal(flight.proposal, skip=flight.acks)
                 return actions
-        if desired == current or not desired:
+        restart = self.view.epoch > 0 and (
+            self.want_restart or any(self.peer_restart.get(m.node_id) for m in self.live_members())
+        )
+        if not desired or (desired == current and not restart):
             return actions
         status = self.quorum.evaluate([n for n, _ in desired], self.witnesses_reachable)
         if not status.quorate:
@@ -438,6 +447,8 @@ class Membership:
         merged += [r for r in removed.items() if r not in set(merged)]
         self.removed_history = merged[-MAX_REMOVED_HISTORY:]
         self.view = view
+        self.want_restart = False
+        self.peer_restart.clear()
         self.accepted = {e: q for e, q in self.accepted.items() if e > p.epoch}
         if self._in_flight is not None and self._in_flight.proposal.prev_epoch != p.epoch:
             self._in_flight = None  # built on a view that is no longer ours

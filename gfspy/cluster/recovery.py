@@ -88,7 +88,12 @@ class RecoveryDriver:
         self.lockspaces: list[Lockspace] = []
         self._is_quorate = is_quorate
         self._quorum_changed = quorum_changed
-        self.stopped = True  # lockspaces start stopped: nothing runs before the first view
+        #: False from the moment a change is noticed (synchronously, so nobody can read a
+        #: stale "running") until a recovery pass has completed.
+        self.running = False
+        self._lockspaces_stopped = True  # nothing runs before the first view
+        #: Stopped by a change that produced no view (yet): only a new view restarts us.
+        self.needs_view = False
         self.started_epoch = 0
         self.waiting_for = "the first view"
         self._pass_scope: trio.CancelScope | None = None
@@ -112,8 +117,14 @@ class RecoveryDriver:
     def view_committed(self, view: View) -> None:
         self._begin_pass(view, view.epoch)
 
+    @property
+    def stopped(self) -> bool:
+        return not self.running
+
     def _begin_pass(self, view: View | None, epoch: int) -> None:
         assert self._nursery is not None, "RecoveryDriver.run() is not running"
+        self.running = False
+        self.needs_view = False
         if self._pass_scope is not None:
             self._pass_scope.cancel()
         scope = trio.CancelScope()
@@ -126,11 +137,12 @@ class RecoveryDriver:
                 await self._stop_all(epoch)
                 if view is None:
                     self.waiting_for = "agreement on a new view"
+                    self.needs_view = True
                     return
                 await self._recover(view)
 
     async def _stop_all(self, epoch: int) -> None:
-        if self.stopped:
+        if self._lockspaces_stopped:
             return
         self.waiting_for = "lockspaces to stop"
         # Shielded: a half-done stop is worse than a late one.
@@ -138,7 +150,7 @@ class RecoveryDriver:
             for ls in self.lockspaces:
                 await ls.stop()
                 self.journal.add("ls_stopped", epoch, ls.name)
-            self.stopped = True
+            self._lockspaces_stopped = True
 
     async def _recover(self, view: View) -> None:
         epoch = view.epoch
@@ -174,7 +186,8 @@ class RecoveryDriver:
             self.journal.add("ls_start", epoch, ls.name)
             await ls.start(view)
             self.journal.add("ls_started", epoch, ls.name)
-        self.stopped = False
+        self._lockspaces_stopped = False
+        self.running = True
         self.started_epoch = epoch
         self.waiting_for = ""
         self.journal.add("running", epoch)

@@ -32,6 +32,7 @@ import trio
 
 from gfspy.cluster.view import View
 from gfspy.dlm.directory import directory_node
+from gfspy.dlm.lockspace import CANCEL, UNLOCK
 from gfspy.dlm.messages import Message, MsgType
 from gfspy.dlm.modes import ECANCEL, EUNLOCK, DLMError, Flag, Mode
 
@@ -213,29 +214,44 @@ class Recovery:
                 ls.directory.add(name, node)
 
     def _fix_owner_side(self, gone: set[int]) -> list:
-        """Owner copies whose master departed; returns the rsbs that need a new master."""
+        """Owner copies whose master departed; returns the rsbs that need a new master.
+
+        Also forgets cached masters that may not know the resource: the directory was
+        just rebuilt from what masters hold, so a master we never sent anything to may
+        have no entry any more, and a fresh lookup must decide.
+        """
         ls = self.ls
         alive = set(ls.members)
-        unsent = {id(h) for h, _ in ls._deferred}
+        unsent = {(id(h), action) for h, action in ls._deferred}
         for rsb in ls.rsbs.values():
-            unsent.update(id(h) for h, _ in rsb.waiting)
+            unsent.update((id(h), action) for h, action in rsb.waiting)
+
+        def sent(h, action: str | None) -> bool:
+            return action is not None and (id(h), action) not in unsent
+
         remaster = []
         for name, rsb in list(ls.rsbs.items()):
             rsb.lookup_pending = False  # lookups are redone against the new directory
-            if rsb.master == 0 or rsb.master in alive and rsb.master not in gone:
+            handles = [ls.handles[lkid] for lkid in sorted(rsb.lkids)]
+            if rsb.master == 0 or (rsb.master in alive and rsb.master not in gone):
+                if rsb.master not in (0, ls.node_id) and not any(
+                    h.mode != Mode.IV or sent(h, h.op) or (h.unlocking and sent(h, UNLOCK))
+                    for h in handles
+                ):
+                    rsb.master = 0
                 if not rsb.lkids and not rsb.waiting and rsb.master != ls.node_id:
                     del ls.rsbs[name]  # a cached master we no longer need
                 continue
-            for lkid in sorted(rsb.lkids):
-                h = ls.handles[lkid]
-                if id(h) in unsent:
-                    continue
-                if h.unlocking:
+            resend = []
+            for h in handles:
+                if h.unlocking and sent(h, UNLOCK):
                     ls._complete(h, EUNLOCK, Mode.IV, 0, None, 0)
-                elif h.op and h.cancel_pending:
+                elif sent(h, h.op) and h.cancel_pending:
+                    rsb.waiting = [(x, a) for x, a in rsb.waiting if x is not h or a != CANCEL]
                     ls._complete(h, ECANCEL, h.mode, 0, None, 0)
-                elif h.op:
-                    rsb.waiting.append((h, h.op))  # resend once a master is known
+                elif sent(h, h.op):
+                    resend.append((h, h.op))  # resend once a master is known
+            rsb.waiting[:0] = resend
             rsb.master = 0
             if any(ls.handles[lkid].mode != Mode.IV for lkid in rsb.lkids):
                 remaster.append(rsb)

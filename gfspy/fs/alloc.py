@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 from gfspy.fs.buffers import BufferCache
@@ -24,6 +25,7 @@ from gfspy.ondisk.constants import (
 )
 from gfspy.ondisk.errors import FormatError
 from gfspy.ondisk.rgrp import (
+    RgrpBitmapHeader,
     RgrpHeader,
     RindexEntry,
     count_states,
@@ -31,10 +33,11 @@ from gfspy.ondisk.rgrp import (
     find_state,
     get_state,
     set_state,
-    split_bitmap,
 )
 
 log = logging.getLogger(__name__)
+
+_RB_HEADER = RgrpBitmapHeader().pack()
 
 
 class NoSpace(Exception):
@@ -75,6 +78,9 @@ class Allocator:
         #: next log flush (freed since; see Rgrp.clone).
         self.free_total = 0
         self.pinned = 0
+        #: Called with (txn, rgrp address) before an rgrp is changed: the mount
+        #: takes the rgrp's glock there.
+        self.on_use: Callable[[FsTxn, int], Awaitable[None]] | None = None
 
     # ------------------------------------------------------------------ loading
 
@@ -125,6 +131,12 @@ class Allocator:
         """Forget decoded rgrps (rgrp glock given up): reread on next use."""
         self._rgrps.clear()
 
+    async def _use(self, txn: FsTxn, index: int) -> Rgrp:
+        rg = await self.rgrp(index)
+        if self.on_use is not None and rg not in txn.rgrps:
+            await self.on_use(txn, rg.entry.addr)
+        return rg
+
     def _mark(self, txn: FsTxn, rg: Rgrp, n_first: int, n_last: int) -> None:
         first = _bitmap_block_of(n_first >> 2, self.bsize)
         last = _bitmap_block_of(n_last >> 2, self.bsize)
@@ -134,18 +146,25 @@ class Allocator:
 
     def write_images(self, rg: Rgrp) -> list[int]:
         """Rebuild the header/bitmap block images that changed; return their numbers."""
-        parts = split_bitmap(rg.bitmap, self.bsize, rg.entry.length)
         out = []
+        first = self.bsize - RG_HEADER_SIZE
+        per_rb = self.bsize - META_HEADER_SIZE
         for i in sorted(rg.touched):
+            lo = 0 if i == 0 else first + (i - 1) * per_rb
+            hi = first if i == 0 else lo + per_rb
+            part = bytes(rg.bitmap[lo:hi])
+            part += bytes((hi - lo) - len(part))
             blkno = rg.entry.addr + i
+            # Header and bitmap together are the whole block: no need to read it.
             buf = self.cache.cached(blkno)
             if buf is None:
                 buf = self.cache.new(blkno, bytes(self.bsize))
             if i == 0:
                 buf[:RG_HEADER_SIZE] = rg.header.pack()
-                buf[RG_HEADER_SIZE:] = parts[0]
+                buf[RG_HEADER_SIZE:] = part
             else:
-                buf[META_HEADER_SIZE:] = parts[i]
+                buf[:META_HEADER_SIZE] = _RB_HEADER
+                buf[META_HEADER_SIZE:] = part
             out.append(blkno)
         rg.touched.clear()
         return out
@@ -170,6 +189,7 @@ class Allocator:
             rg = await self.rgrp(index)
             if rg.header.free == 0:
                 continue
+            await self._use(txn, index)
             n = goal - rg.entry.data0 if index == start_index and rg.entry.contains(goal) else 0
             got = self._take(txn, rg, want, max(n, 0), dinode)
             if not got:
@@ -193,7 +213,7 @@ class Allocator:
         wrapped = False
         view = rg.bitmap if rg.clone is None else rg.clone
         while want and rg.header.free:
-            hit = find_state(view, BLKST_FREE, n, ndata)
+            hit = _find_free(view, n, ndata)
             if hit is None:
                 if wrapped or n == 0:
                     break
@@ -217,7 +237,7 @@ class Allocator:
         """The rgrp's inode generation counter, post-incremented (never 0)."""
         index = self.rgrp_index_of(block)
         assert index is not None
-        rg = await self.rgrp(index)
+        rg = await self._use(txn, index)
         rg.header.igeneration += 1
         if rg.header.igeneration == 0:
             rg.header.igeneration = 1
@@ -229,7 +249,7 @@ class Allocator:
         index = self.rgrp_index_of(block)
         if index is None:
             raise FormatError(f"dinode {block} is outside every rgrp")
-        rg = await self.rgrp(index)
+        rg = await self._use(txn, index)
         n = block - rg.entry.data0
         set_state(rg.bitmap, n, BLKST_UNLINKED if unlinked else BLKST_DINODE)
         self._mark(txn, rg, n, n)
@@ -251,7 +271,7 @@ class Allocator:
                 index = self.rgrp_index_of(pos)
                 if index is None:
                     raise FormatError(f"freeing block {pos} outside every rgrp")
-                rg = await self.rgrp(index)
+                rg = await self._use(txn, index)
                 stop = min(end, rg.entry.end)
                 n = pos - rg.entry.data0
                 if rg.clone is None:
@@ -268,7 +288,7 @@ class Allocator:
             index = self.rgrp_index_of(dinode)
             if index is None:
                 raise FormatError(f"freeing dinode {dinode} outside every rgrp")
-            rg = await self.rgrp(index)
+            rg = await self._use(txn, index)
             n = dinode - rg.entry.data0
             if get_state(rg.bitmap, n) not in (BLKST_DINODE, BLKST_UNLINKED):
                 raise FormatError(f"freeing dinode {dinode} whose bitmap state is not DINODE")
@@ -335,6 +355,34 @@ def _free_run(bitmap: bytearray, n: int, limit: int) -> int:
     while length < limit and get_state(bitmap, n + length) == BLKST_FREE:
         length += 1
     return min(length, limit)
+
+
+_HAS_FREE = bytes(
+    1 if any(((value >> (2 * k)) & 3) == BLKST_FREE for k in range(4)) else 0
+    for value in range(256)
+)
+
+
+def _find_free(bitmap: bytearray, n: int, ndata: int) -> int | None:
+    """First FREE block at or after n, scanning a window of bytes at a time."""
+    while n < ndata and n & 3:
+        if get_state(bitmap, n) == BLKST_FREE:
+            return n
+        n += 1
+    last = (ndata + 3) >> 2
+    index = n >> 2
+    window = 512
+    while index < last:
+        chunk = bytes(bitmap[index : min(last, index + window)]).translate(_HAS_FREE)
+        hit = chunk.find(1)
+        if hit >= 0:
+            byte = index + hit
+            for block in range(byte * 4, min(byte * 4 + 4, ndata)):
+                if get_state(bitmap, block) == BLKST_FREE:
+                    return block
+        index += len(chunk)
+        window = min(window * 4, 1 << 16)
+    return None
 
 
 def _fill(bitmap: bytearray, n: int, count: int, state: int) -> None:

@@ -38,7 +38,6 @@ from gfspy.ondisk.constants import (
 from gfspy.ondisk.directory import (
     Dirent,
     Leaf,
-    add_dirent,
     hash_index,
     live_dirents,
     pack_dirents,
@@ -206,6 +205,31 @@ class Directories:
             offset += rec_len
         return None
 
+    def _insert(self, buf: bytearray, start: int, dirent: Dirent) -> bool:
+        """Put `dirent` into the first record with room (same rules as the ondisk
+        add_dirent), scanning raw headers instead of decoding every entry."""
+        needed = dirent.size
+        offset = start
+        end = self.bsize
+        while offset < end:
+            formal, addr, _h, rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
+            if rec_len < 40 or offset + rec_len > end:
+                raise FormatError(f"dirent at {offset}: bad rec_len {rec_len}")
+            if not addr or not formal:
+                if offset == start and rec_len >= needed:
+                    dirent.rec_len = rec_len
+                    dirent.pack_into(buf, offset)
+                    return True
+            else:
+                size = (40 + name_len + 7) & ~7
+                if rec_len - size >= needed:
+                    struct.pack_into(">H", buf, offset + 20, size)
+                    dirent.rec_len = rec_len - size
+                    dirent.pack_into(buf, offset + size)
+                    return True
+            offset += rec_len
+        return False
+
     async def lookup(self, ip: Inode, name: bytes) -> Found | None:
         dhash = name_hash(name)
         if not ip.di.flags & DIF_EXHASH:
@@ -229,7 +253,7 @@ class Directories:
         dirent = Dirent.make(name, inum, dtype)
         if not ip.di.flags & DIF_EXHASH:
             buf = await self.cache.read(ip.addr)
-            if add_dirent(buf, DINODE_SIZE, self.bsize, dirent) is not None:
+            if self._insert(buf, DINODE_SIZE, dirent):
                 txn.dirty.add(ip.addr)
                 self._count(txn, ip, +1)
                 return
@@ -244,7 +268,7 @@ class Directories:
                 if head_depth is None:
                     head_depth = leaf.depth
                 chain_len += 1
-                if add_dirent(buf, LEAF_HEADER_SIZE, self.bsize, dirent) is not None:
+                if self._insert(buf, LEAF_HEADER_SIZE, dirent):
                     self._leaf_count(txn, blkno, buf, leaf.entries + 1)
                     self._count(txn, ip, +1)
                     return

@@ -22,15 +22,14 @@ from gfspy.blockdev.device import Device, DeviceError
 from gfspy.fs.alloc import Allocator, NoSpace
 from gfspy.fs.bmap import BlockMap
 from gfspy.fs.buffers import BufferCache
-from gfspy.fs.dirs import Directories, Found
+from gfspy.fs.dirs import Directories
 from gfspy.fs.fileio import FileData
 from gfspy.fs.inode import Inode
 from gfspy.fs.mount import MountInfo, prepare
+from gfspy.fs.namespace import NamespaceOps, check_name
 from gfspy.fs.txn import FsTxn
 from gfspy.fs.types import (
     NOW,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
     Attr,
     FsError,
     FsWithdrawn,
@@ -40,6 +39,7 @@ from gfspy.fs.types import (
 from gfspy.fs.xattrs import Xattrs
 from gfspy.glock.glock import (
     LM_ST_EXCLUSIVE,
+    LM_ST_SHARED,
     LM_TYPE_INODE,
     LM_TYPE_RGRP,
     Glock,
@@ -55,7 +55,6 @@ from gfspy.ondisk.constants import (
     DIF_SYSTEM,
     DINODE_SIZE,
     FORMAT_DE,
-    dt_from_mode,
 )
 from gfspy.ondisk.dinode import Dinode
 from gfspy.ondisk.directory import new_stuffed_dir_payload
@@ -65,19 +64,10 @@ from gfspy.ondisk.statfs import StatfsChange
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
 READDIR_BATCH = 512
 #: Blocks kept back for metadata an operation may need (dinode, leaf splits, table
 #: growth, indirect blocks) on top of what it asks for explicitly.
 META_RESERVE = 64
-_SPECIAL_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK)
-
-
-def _check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise FsError(errno.ENAMETOOLONG)
-    if not name or b"/" in name or b"\0" in name:
-        raise FsError(errno.EINVAL, f"bad name {name!r}")
 
 
 def _split_ns(ns: int) -> tuple[int, int]:
@@ -101,7 +91,7 @@ class _HybridMethod:
         return self.instance_func.__get__(obj, owner)
 
 
-class FileSystem:
+class FileSystem(NamespaceOps):
     """One mounted GFS2 filesystem on one journal."""
 
     def __init__(
@@ -119,6 +109,7 @@ class FileSystem:
         self.cache = BufferCache(device, self.bsize)
         self.cache.journal = self.journal
         self.alloc = Allocator(self.cache, info.rindex)
+        self.alloc.on_use = self._hold_rgrp
         self.bmap = BlockMap(self.cache, self.alloc, self.geo)
         self.dirs = Directories(self.cache, self.alloc, self.bmap, self.geo)
         self.files = FileData(device, self.cache, self.alloc, self.bmap, self.geo)
@@ -137,6 +128,7 @@ class FileSystem:
         self._lock = trio.Lock()
         self._last_flush = time.monotonic()
         self._closed = False
+        self._unmounting = False
 
     # ================================================================ mount
 
@@ -181,8 +173,9 @@ class FileSystem:
         async with self._lock:
             await self._sync_locked()
             try:
-                await self.glocks.aclose()
                 await self.journal.clean_unmount()
+                self._unmounting = True  # everything is in place: demotions need no sync
+                await self.glocks.aclose()
             except (JournalError, DeviceError) as e:
                 self._withdraw(f"clean unmount failed: {e}")
         log.info("%s: unmounted cleanly", self.device.name)
@@ -263,14 +256,30 @@ class FileSystem:
             await self._flush()  # blocks freed since the last flush become usable
         self._reserve(blocks)
 
-    async def _hold(self, txn: FsTxn, ino: int) -> None:
-        glock = self.glocks.get(LM_TYPE_INODE, ino)
-        txn.holders.append(await glock.acquire(LM_ST_EXCLUSIVE))
+    async def _hold(
+        self, txn: FsTxn, number: int, *, shared: bool = False, gl_type: int = LM_TYPE_INODE
+    ) -> None:
+        """Hold a glock for the rest of the operation (once per operation; a shared
+        hold is upgraded by dropping it first, as a holder cannot wait on itself)."""
+        state = LM_ST_SHARED if shared else LM_ST_EXCLUSIVE
+        key = (gl_type, number)
+        held = txn.held.get(key)
+        if held is not None:
+            if held.state == LM_ST_EXCLUSIVE or held.state == state:
+                return
+            held.glock.release(held)
+            txn.holders.remove(held)
+        holder = await self.glocks.get(gl_type, number).acquire(state)
+        txn.holders.append(holder)
+        txn.held[key] = holder
+
+    async def _hold_rgrp(self, txn: FsTxn, rgrp_addr: int) -> None:
+        await self._hold(txn, rgrp_addr, gl_type=LM_TYPE_RGRP)
 
     # ============================================================ glock hooks
 
     async def _inode_go_sync(self, glock: Glock) -> None:
-        if self.journal is not None and not self.withdrawn:
+        if self.journal is not None and not self.withdrawn and not self._unmounting:
             await self.journal.sync_blocks([glock.number])
 
     async def _inode_go_inval(self, glock: Glock) -> None:
@@ -282,9 +291,8 @@ class FileSystem:
             self.invalidate_callback(glock.number)
 
     async def _rgrp_go_sync(self, glock: Glock) -> None:
-        if self.journal is not None and not self.withdrawn:
-            await self.journal.flush()
-            self.alloc.release_freed()
+        if self.journal is not None and not self.withdrawn and not self._unmounting:
+            await self._flush()
 
     async def _rgrp_go_inval(self, glock: Glock) -> None:
         self.alloc.invalidate()
@@ -478,12 +486,14 @@ class FileSystem:
         ip = self.inodes.get(ino)
         if ip is not None and self.withdrawn is None:
             return self._attr(ip)
-        async with self._op(write=False):
+        async with self._op(write=False) as txn:
+            await self._hold(txn, ino, shared=True)
             return self._attr(await self._inode(ino))
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
-        _check_name(name)
-        async with self._op(write=False):
+        check_name(name)
+        async with self._op(write=False) as txn:
+            await self._hold(txn, parent, shared=True)
             dip = await self._dir(parent)
             found = await self.dirs.lookup(dip, name)
             if found is None:
@@ -497,237 +507,22 @@ class FileSystem:
             return self._attr(ip)
 
     async def readlink(self, ino: int) -> bytes:
-        async with self._op(write=False):
+        async with self._op(write=False) as txn:
+            await self._hold(txn, ino, shared=True)
             ip = await self._inode(ino)
             if not ip.di.is_lnk():
                 raise FsError(errno.EINVAL)
             return await self.files.read(ip, 0, ip.di.size)
 
     async def readdir(self, ino: int, cookie: int) -> list[tuple[bytes, Attr, int]]:
-        async with self._op(write=False):
+        async with self._op(write=False) as txn:
+            await self._hold(txn, ino, shared=True)
             dip = await self._dir(ino)
             out = []
             for dirent, next_cookie in await self.dirs.readdir(dip, cookie, READDIR_BATCH):
                 ip = await self._inode(dirent.inum.addr)
                 out.append((dirent.name, self._attr(ip), next_cookie))
             return out
-
-    # ============================================================ namespace
-
-    async def _insert_new(
-        self,
-        parent: int,
-        name: bytes,
-        mode: int,
-        uid: int,
-        gid: int,
-        rdev: int = 0,
-        target: bytes | None = None,
-    ) -> Attr:
-        _check_name(name)
-        async with self._op() as txn:
-            dip = await self._dir(parent)
-            await self._hold(txn, parent)
-            if await self.dirs.lookup(dip, name) is not None:
-                raise FsError(errno.EEXIST)
-            self._reserve(4)
-            ip = await self._new_inode(txn, dip, mode, uid, gid, rdev)
-            if target is not None:
-                await self.files.write(txn, ip, 0, target)
-            await self.dirs.add(txn, dip, name, ip.di.inum, dt_from_mode(mode))
-            if ip.di.is_dir():
-                dip.di.nlink += 1
-            self._stamp(dip, txn, mtime=True)
-            return self._attr(ip)
-
-    async def create(
-        self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0
-    ) -> Attr:
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFREG
-        if stat.S_IFMT(mode) not in _SPECIAL_TYPES:
-            raise FsError(errno.EINVAL, f"create cannot make mode {mode:o}")
-        return await self._insert_new(parent, name, mode, uid, gid, rdev)
-
-    async def mkdir(self, parent: int, name: bytes, mode: int, uid: int, gid: int) -> Attr:
-        return await self._insert_new(parent, name, stat.S_IFDIR | (mode & 0o7777), uid, gid)
-
-    async def symlink(self, parent: int, name: bytes, target: bytes, uid: int, gid: int) -> Attr:
-        if not target:
-            raise FsError(errno.ENOENT)
-        if len(target) >= self.geo.stuffed_size:
-            raise FsError(errno.ENAMETOOLONG)
-        return await self._insert_new(parent, name, stat.S_IFLNK | 0o777, uid, gid, target=target)
-
-    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
-        _check_name(new_name)
-        async with self._op() as txn:
-            dip = await self._dir(new_parent)
-            await self._hold(txn, new_parent)
-            await self._hold(txn, ino)
-            ip = await self._inode(ino)
-            if ip.di.is_dir():
-                raise FsError(errno.EPERM)
-            if ip.di.nlink == 0:
-                raise FsError(errno.ENOENT)
-            if ip.di.nlink >= 0xFFFFFFFF:
-                raise FsError(errno.EMLINK)
-            if await self.dirs.lookup(dip, new_name) is not None:
-                raise FsError(errno.EEXIST)
-            self._reserve(2)
-            await self.dirs.add(txn, dip, new_name, ip.di.inum, dt_from_mode(ip.di.mode))
-            ip.di.nlink += 1
-            self._stamp(ip, txn)
-            self._stamp(dip, txn, mtime=True)
-            return self._attr(ip)
-
-    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
-        _check_name(name)
-        async with self._op() as txn:
-            dip = await self._dir(parent)
-            await self._hold(txn, parent)
-            if want_dir and name == b".":
-                raise FsError(errno.EINVAL)
-            if want_dir and name == b"..":
-                raise FsError(errno.ENOTEMPTY)
-            found = await self.dirs.lookup(dip, name)
-            if found is None:
-                raise FsError(errno.ENOENT)
-            await self._hold(txn, found.dirent.inum.addr)
-            ip = await self._inode(found.dirent.inum.addr)
-            if want_dir:
-                if not ip.di.is_dir():
-                    raise FsError(errno.ENOTDIR)
-                if ip.di.entries > 2:
-                    raise FsError(errno.ENOTEMPTY)
-            elif ip.di.is_dir():
-                raise FsError(errno.EISDIR)
-            await self._unlink_found(txn, dip, found, ip)
-
-    async def _unlink_found(self, txn: FsTxn, dip: Inode, found: Found, ip: Inode) -> None:
-        await self.dirs.remove(txn, dip, found)
-        if ip.di.is_dir():
-            dip.di.nlink -= 1
-        self._stamp(dip, txn, mtime=True)
-        await self._drop_link(txn, ip)
-
-    async def unlink(self, parent: int, name: bytes) -> None:
-        await self._remove(parent, name, want_dir=False)
-
-    async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._remove(parent, name, want_dir=True)
-
-    async def _is_ancestor(self, ancestor: int, ino: int) -> bool:
-        """True if directory `ancestor` is `ino` or lies on its path to the root."""
-        seen = 0
-        while True:
-            if ino == ancestor:
-                return True
-            if ino == self.root_ino:
-                return False
-            seen += 1
-            if seen > 1 << 16:
-                raise FormatError(f"'..' chain from {ino} does not reach the root")
-            found = await self.dirs.lookup(await self._inode(ino), b"..")
-            if found is None:
-                raise FormatError(f"directory {ino} has no '..'")
-            ino = found.dirent.inum.addr
-
-    async def rename(
-        self,
-        old_parent: int,
-        old_name: bytes,
-        new_parent: int,
-        new_name: bytes,
-        flags: int = 0,
-    ) -> None:
-        _check_name(old_name)
-        _check_name(new_name)
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or (
-            flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE
-        ):
-            raise FsError(errno.EINVAL)
-        if old_name in (b".", b"..") or new_name in (b".", b".."):
-            raise FsError(errno.EINVAL if old_name == b"." or new_name == b"." else errno.EBUSY)
-        async with self._op() as txn:
-            odp = await self._dir(old_parent)
-            ndp = await self._dir(new_parent)
-            for ino in sorted({old_parent, new_parent}):
-                await self._hold(txn, ino)
-            src = await self.dirs.lookup(odp, old_name)
-            if src is None:
-                raise FsError(errno.ENOENT)
-            dst = await self.dirs.lookup(ndp, new_name)
-            if dst is not None and flags & RENAME_NOREPLACE:
-                raise FsError(errno.EEXIST)
-            if dst is None and flags & RENAME_EXCHANGE:
-                raise FsError(errno.ENOENT)
-            sip = await self._inode(src.dirent.inum.addr)
-            dip = await self._inode(dst.dirent.inum.addr) if dst is not None else None
-            if dip is not None and dip.addr == sip.addr:
-                return
-            cross = old_parent != new_parent
-            if sip.di.is_dir() and cross and await self._is_ancestor(sip.addr, new_parent):
-                raise FsError(errno.EINVAL)
-            if flags & RENAME_EXCHANGE:
-                assert dip is not None and dst is not None
-                if dip.di.is_dir() and cross and await self._is_ancestor(dip.addr, old_parent):
-                    raise FsError(errno.EINVAL)
-                await self._exchange(txn, odp, src, sip, ndp, dst, dip)
-                return
-            if dip is not None:
-                if sip.di.is_dir():
-                    if not dip.di.is_dir():
-                        raise FsError(errno.ENOTDIR)
-                    if dip.di.entries > 2:
-                        raise FsError(errno.ENOTEMPTY)
-                elif dip.di.is_dir():
-                    raise FsError(errno.EISDIR)
-            self._reserve(4)
-            await self._hold(txn, sip.addr)
-            if dip is not None:
-                assert dst is not None
-                await self._hold(txn, dip.addr)
-                await self._unlink_found(txn, ndp, dst, dip)
-            src = await self.dirs.lookup(odp, old_name)
-            assert src is not None
-            await self.dirs.remove(txn, odp, src)
-            await self.dirs.add(txn, ndp, new_name, sip.di.inum, dt_from_mode(sip.di.mode))
-            if sip.di.is_dir() and cross:
-                await self._set_dotdot(txn, sip, ndp)
-                odp.di.nlink -= 1
-                ndp.di.nlink += 1
-            self._stamp(sip, txn)
-            self._stamp(odp, txn, mtime=True)
-            self._stamp(ndp, txn, mtime=True)
-
-    async def _set_dotdot(self, txn: FsTxn, ip: Inode, parent: Inode) -> None:
-        found = await self.dirs.lookup(ip, b"..")
-        if found is None:
-            raise FormatError(f"directory {ip.addr} has no '..'")
-        await self.dirs.set_target(txn, ip, found, parent.di.inum, dt_from_mode(parent.di.mode))
-
-    async def _exchange(
-        self, txn: FsTxn, odp: Inode, src: Found, sip: Inode, ndp: Inode, dst: Found, dip: Inode
-    ) -> None:
-        await self._hold(txn, sip.addr)
-        await self._hold(txn, dip.addr)
-        await self.dirs.set_target(txn, odp, src, dip.di.inum, dt_from_mode(dip.di.mode))
-        dst = await self.dirs.lookup(ndp, dst.dirent.name) or dst
-        await self.dirs.set_target(txn, ndp, dst, sip.di.inum, dt_from_mode(sip.di.mode))
-        if odp.addr != ndp.addr:
-            if sip.di.is_dir():
-                await self._set_dotdot(txn, sip, ndp)
-                odp.di.nlink -= 1
-                ndp.di.nlink += 1
-            if dip.di.is_dir():
-                await self._set_dotdot(txn, dip, odp)
-                ndp.di.nlink -= 1
-                odp.di.nlink += 1
-        for ip in (sip, dip):
-            self._stamp(ip, txn)
-        self._stamp(odp, txn, mtime=True)
-        self._stamp(ndp, txn, mtime=True)
 
     # ============================================================ attributes
 
@@ -774,7 +569,8 @@ class FileSystem:
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise FsError(errno.EINVAL)
-        async with self._op(write=False):
+        async with self._op(write=False) as txn:
+            await self._hold(txn, ino, shared=True)
             ip = await self._inode(ino)
             if ip.di.is_dir():
                 raise FsError(errno.EISDIR)
@@ -847,7 +643,8 @@ class FileSystem:
     # ================================================================ xattrs
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
-        async with self._op(write=False):
+        async with self._op(write=False) as txn:
+            await self._hold(txn, ino, shared=True)
             return await self.xattrs.get(await self._inode(ino), name)
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
@@ -858,7 +655,8 @@ class FileSystem:
             await self.xattrs.set(txn, ip, name, value, flags)
 
     async def listxattr(self, ino: int) -> list[bytes]:
-        async with self._op(write=False):
+        async with self._op(write=False) as txn:
+            await self._hold(txn, ino, shared=True)
             return await self.xattrs.list(await self._inode(ino))
 
     async def removexattr(self, ino: int, name: bytes) -> None:

@@ -33,6 +33,7 @@ class FsTxn:
     statfs_dinodes: int = 0
     #: Glock holders taken by the operation, released when it ends.
     holders: list[Any] = field(default_factory=list)
+    held: dict[tuple[int, int], Any] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
         return bool(self.dirty or self.inodes or self.rgrps or self.freed)

@@ -12,6 +12,7 @@ import trio
 from gfspy.blockdev import DeviceError, open_device
 from gfspy.fsck.checker import check_device
 from gfspy.fsck.errors import OperationalError
+from gfspy.fsck.reader import OutOfDevice
 from gfspy.fsck.report import Report
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,8 @@ journal. Each problem is printed on one line naming the block or inode concerned
 followed by a summary.
 
 The device is opened read-only and is never written. DEVICE is an image file, a block
-device, or an nbd:// URI (comma-separated URIs for multipath).
+device, or an nbd:// URI (comma-separated URIs for multipath). Check a filesystem
+that no node has mounted: changes in flight on a mounted one show up as problems.
 
 A journal whose head lacks the UNMOUNT flag is reported as "dirty ... replay needed"
 and counts as a problem (exit 4). fsck.gfs2 -n instead notes a dirty journal and exits
@@ -113,6 +115,8 @@ async def _run(spec: str, report: Report) -> int:
         except DeviceError as e:
             why = str(e.strerror or e).removeprefix(f"{spec}: ")
             raise OperationalError(f"{spec}: read error: {why}") from None
+        except OutOfDevice as e:
+            raise OperationalError(f"{spec}: {e} (truncated image?)") from None
     del fsck
     return EXIT_UNCORRECTED if report.total else EXIT_CLEAN
 

@@ -11,7 +11,10 @@ from __future__ import annotations
 import logging
 
 from gfspy.fsck.context import Fsck, Inode
+from gfspy.fsck.trees import read_data
 from gfspy.journal.scan import JournalScan, scan_journal
+from gfspy.ondisk.constants import DINODE_SIZE, STATFS_CHANGE_SIZE
+from gfspy.ondisk.statfs import StatfsChange
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +36,31 @@ async def check_journals(fsck: Fsck, journals: list[tuple[int, Inode]]) -> None:
         name = f"journal{j}"
         scan = await scan_journal(fsck.reader.device, ino.data_runs, fsck.geo.bsize)
         _judge(fsck, name, ino, scan)
+        if scan.clean:
+            await _check_statfs_change(fsck, j)
+
+
+async def _check_statfs_change(fsck: Fsck, j: int) -> None:
+    """A cleanly unmounted node has folded its statfs deltas into the master file and
+    zeroed them; leftovers would be added to the totals again at the next mount."""
+    addr = fsck.system.get(f"statfs_change{j}")
+    ino = fsck.inodes.get(addr) if addr is not None else None
+    if ino is None or ino.dinode.size != STATFS_CHANGE_SIZE:
+        return  # missing or mis-sized: the system-file check reported it
+    if ino.dinode.height == 0:
+        raw = ino.block[DINODE_SIZE : DINODE_SIZE + STATFS_CHANGE_SIZE]
+    else:
+        raw = await read_data(fsck, ino.data_runs, STATFS_CHANGE_SIZE)
+    if len(raw) < STATFS_CHANGE_SIZE:
+        return
+    delta = StatfsChange.unpack(raw)
+    if delta != StatfsChange():
+        fsck.report.problem(
+            "statfs",
+            ino.label,
+            f"holds unapplied deltas (total {delta.total}, free {delta.free}, dinodes "
+            f"{delta.dinodes}) although journal{j} is clean",
+        )
 
 
 def _judge(fsck: Fsck, name: str, ino: Inode, scan: JournalScan) -> None:

@@ -192,6 +192,12 @@ def _check_per_node(fsck: Fsck, per_node: Inode, journals: int) -> None:
                 )
             if prefix == b"quota_change":
                 fsck.quota_change.append(ino)
+                if ino.data_blocks * fsck.geo.bsize < ino.dinode.size:
+                    report.problem(
+                        "per_node",
+                        ino.label,
+                        f"only {ino.data_blocks} blocks allocated for size {ino.dinode.size}",
+                    )
 
 
 async def check_quota_change_blocks(fsck: Fsck) -> None:

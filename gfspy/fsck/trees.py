@@ -57,8 +57,8 @@ async def walk_tree(
     """Walk the tree of the dinode at `addr`; claim IN and data blocks for it."""
     geo = fsck.geo
     walk = TreeWalk()
-    if height == 0:
-        return walk
+    if height == 0 or height > geo.max_height:
+        return walk  # an impossible height is reported by pass1, not walked
     ptrs = unpack_pointers(dinode_block, DINODE_SIZE, geo.diptrs)
     bmap = fsck.blockmap
     for level in range(1, height):

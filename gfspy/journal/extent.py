@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass, field
 
 from gfspy.blockdev.device import Device
-from gfspy.ondisk.constants import DINODE_SIZE, META_HEADER_SIZE
+from gfspy.ondisk.constants import DINODE_SIZE, META_HEADER_SIZE, SB_OFFSET
 from gfspy.ondisk.dinode import Dinode
 from gfspy.ondisk.errors import FormatError
 from gfspy.ondisk.indirect import unpack_indirect_block, unpack_pointers
@@ -98,6 +98,7 @@ async def map_journal(device: Device, bsize: int, dinode_addr: int) -> JournalEx
     type. Nothing is guessed.
     """
     dev_blocks = device.size // bsize
+    sb_block = SB_OFFSET // bsize
     raw = await device.read(dinode_addr * bsize, bsize)
     where = f"journal dinode {dinode_addr}"
     try:
@@ -125,6 +126,8 @@ async def map_journal(device: Device, bsize: int, dinode_addr: int) -> JournalEx
             raise JournalLayoutError(f"{parent}: hole at journal block {len(pointers)}")
         if ptr >= dev_blocks:
             raise JournalLayoutError(f"{parent}: pointer {ptr} beyond device ({dev_blocks})")
+        if ptr <= sb_block:
+            raise JournalLayoutError(f"{parent}: pointer {ptr} into the superblock area")
 
     async def walk(slots: list[int], level_span: int, parent: str) -> None:
         """Collect the data pointers under one block's pointer slots, in order."""
@@ -145,6 +148,8 @@ async def map_journal(device: Device, bsize: int, dinode_addr: int) -> JournalEx
     await walk(unpack_pointers(raw, DINODE_SIZE, diptrs), span, where)
     if len(pointers) != nblocks:
         raise JournalLayoutError(f"{where}: tree maps {len(pointers)} of {nblocks} blocks")
+    if len(set(pointers)) != nblocks:
+        raise JournalLayoutError(f"{where}: a device block is mapped twice")
     extents = JournalExtents(dinode_addr, bsize, _coalesce(pointers))
     log.debug("%s: %d blocks in %d run(s)", where, nblocks, len(extents.runs))
     return extents

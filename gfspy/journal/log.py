@@ -399,9 +399,15 @@ class Journal:
         if not body.blocks and not any(txn.statfs_delta):
             for blkno in txn.revokes:  # nothing of them in the live log; just forget
                 self._drop_from_ail(blkno)
+            if ordered is not None:  # no log write, but the data must still be durable
+                await self._guarded(self._ordered_only(ordered))
             return self._next_sequence - 1
         await self._guarded(self._commit_locked(txn, body, ordered, flags))
         return self._next_sequence - 1
+
+    async def _ordered_only(self, ordered: OrderedHook) -> None:
+        await ordered()
+        await self.device.flush()
 
     async def _commit_locked(
         self, txn: Transaction, body: LogBody, ordered: OrderedHook | None, flags: int

@@ -30,7 +30,7 @@ from gfspy.journal.extent import (
     read_log_blocks,
     write_log_blocks,
 )
-from gfspy.journal.layout import build_log_header
+from gfspy.journal.layout import build_log_body, build_log_header
 from gfspy.journal.locate import locate_journal
 from gfspy.journal.scan import HeaderRecord, scan_journal
 from gfspy.ondisk.constants import (
@@ -38,6 +38,7 @@ from gfspy.ondisk.constants import (
     LD_JDATA,
     LD_METADATA,
     LD_REVOKE,
+    LH_FLUSH_NORMAL,
     LH_RECOVERY,
     LH_UNMOUNT,
     METATYPE_LD,
@@ -118,9 +119,10 @@ async def replay_journal(
     With `statfs`, the head header's statfs deltas (lh_local_*) are then added to the
     master statfs file and the journal's statfs_change file is zeroed, as the kernel
     does when it recovers a journal; fsck.gfs2 does not (it recomputes the master
-    from the bitmaps instead), so gfspy-fsck leaves it out. Like the kernel's, this
-    step is not idempotent: a crash between it and the clean header counts the
-    deltas twice, which the next fsck corrects.
+    from the bitmaps instead), so gfspy-fsck leaves it out. Unlike the kernel, the
+    fold is itself logged as a transaction after the head before it is written in
+    place, so a crash during recovery can never add the deltas twice; the clean
+    header then follows that transaction instead of sitting at head+1.
     """
     bsize = extents.bsize
     size = extents.blocks
@@ -179,15 +181,22 @@ async def replay_journal(
         await device.write(target * bsize, block)
     result.blocks_written = len(latest)
     await device.flush()
-    if statfs is not None:
-        result.statfs_folded = await _fold_statfs(device, extents, head, statfs, jname)
-
     clean_pos = (head.position + 1) % size
+    clean_seq = head.sequence + 1
+    if statfs is not None:
+        delta, images = await _statfs_fold_images(device, extents, head, statfs)
+        result.statfs_folded = delta
+        if images:
+            clean_pos, clean_seq = await _log_and_apply(
+                device, extents, images, jid, clean_pos, clean_seq
+            )
+            log.info("%s: folded statfs change %s into the master statfs", jname, delta)
+
     await write_log_blocks(
         device,
         extents,
         clean_pos,
-        [_clean_header(extents, head, clean_pos, jid, recovery, header_style)],
+        [_clean_header(extents, clean_seq, clean_pos, jid, recovery, header_style)],
     )
     await device.flush()
     result.clean_header_block = clean_pos
@@ -217,30 +226,72 @@ async def _read_stuffed_statfs(
     return raw, StatfsChange.unpack(raw, DINODE_SIZE)
 
 
-async def _fold_statfs(
-    device: Device, extents: JournalExtents, head: HeaderRecord, files: StatfsFiles, jname: str
-) -> StatfsChange:
-    """Add the head's lh_local_* to the master statfs; zero statfs_change."""
+async def _statfs_fold_images(
+    device: Device, extents: JournalExtents, head: HeaderRecord, files: StatfsFiles
+) -> tuple[StatfsChange, dict[int, bytes]]:
+    """The head's lh_local_* deltas, and the new images of the master statfs (deltas
+    added) and of statfs_change (zeroed) — only those that change."""
     bsize = extents.bsize
     (head_block,) = await read_log_blocks(device, extents, head.position, 1)
     lh = LogHeader.unpack(head_block)
     delta = StatfsChange(lh.local_total, lh.local_free, lh.local_dinodes)
     master_raw, master = await _read_stuffed_statfs(device, bsize, files.master, "statfs")
     change_raw, change = await _read_stuffed_statfs(device, bsize, files.change, "statfs_change")
+    images: dict[int, bytes] = {}
     if delta != StatfsChange():
         master_raw[DINODE_SIZE : DINODE_SIZE + StatfsChange.SIZE] = (master + delta).pack()
-        await device.write(files.master * bsize, bytes(master_raw))
+        images[files.master] = bytes(master_raw)
     if change != StatfsChange():
         change_raw[DINODE_SIZE : DINODE_SIZE + StatfsChange.SIZE] = StatfsChange().pack()
-        await device.write(files.change * bsize, bytes(change_raw))
+        images[files.change] = bytes(change_raw)
+    return delta, images
+
+
+async def _log_and_apply(
+    device: Device,
+    extents: JournalExtents,
+    images: dict[int, bytes],
+    jid: int,
+    position: int,
+    sequence: int,
+) -> tuple[int, int]:
+    """Make the statfs fold idempotent: log the new images as a transaction after the
+    replayed head (its header carries zero deltas), then write them in place. A crash
+    before that header redoes the whole recovery from the old head; after it, a new
+    replay copies the same images again instead of adding the deltas twice.
+    Returns where the clean header goes next and its sequence."""
+    size = extents.blocks
+    bsize = extents.bsize
+    body = build_log_body(bsize, {}, images, [])
+    if len(body.blocks) + 2 > size - 1:
+        raise ReplayError(f"journal of {size} blocks is too small to log the statfs fold")
+    await write_log_blocks(device, extents, position, body.blocks)
     await device.flush()
-    log.info("%s: folded statfs change %s into the master statfs", jname, delta)
-    return delta
+    header_pos = (position + len(body.blocks)) % size
+    now = time.time_ns()
+    header = build_log_header(
+        bsize,
+        jid=jid,
+        sequence=sequence,
+        flags=LH_FLUSH_NORMAL,
+        tail=position,
+        blkno=header_pos,
+        sec=now // 1_000_000_000,
+        nsec=now % 1_000_000_000,
+        addr=extents.device_block(header_pos),
+        jinode=extents.dinode_addr,
+    )
+    await write_log_blocks(device, extents, header_pos, [header])
+    await device.flush()
+    for blkno in sorted(images):
+        await device.write(blkno * bsize, images[blkno])
+    await device.flush()
+    return (header_pos + 1) % size, sequence + 1
 
 
 def _clean_header(
     extents: JournalExtents,
-    head: HeaderRecord,
+    sequence: int,
     position: int,
     jid: int,
     recovery: bool,
@@ -251,7 +302,7 @@ def _clean_header(
         return build_log_header(
             extents.bsize,
             jid=0,
-            sequence=head.sequence + 1,
+            sequence=sequence,
             flags=flags,
             tail=0,
             blkno=position,
@@ -261,7 +312,7 @@ def _clean_header(
     return build_log_header(
         extents.bsize,
         jid=jid,
-        sequence=head.sequence + 1,
+        sequence=sequence,
         flags=flags,
         tail=0,
         blkno=position,

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import random
 import stat
-import struct
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 
 from gfspy.ondisk.constants import (
+    DIF_EXHASH,
     DIF_JDATA,
     DIF_SYSTEM,
     DINODE_SIZE,
@@ -25,29 +25,23 @@ from gfspy.ondisk.constants import (
     FORMAT_DE,
     FORMAT_QU,
     FORMAT_RI,
-    META_HEADER_SIZE,
-    METATYPE_QC,
-    METATYPE_RB,
-    QUOTA_ENTRY_SIZE,
-    RG_HEADER_SIZE,
+    INUM_RANGE_SIZE,
+    RINDEX_ENTRY_SIZE,
+    STATFS_CHANGE_SIZE,
     Geometry,
 )
-from gfspy.ondisk.meta import Inum, MetaHeader
+from gfspy.ondisk.dinode import Dinode
+from gfspy.ondisk.indirect import pack_indirect_block, pack_pointers
+from gfspy.ondisk.inum import pack_next_inum
+from gfspy.ondisk.meta import Inum
+from gfspy.ondisk.quota import QuotaEntry, pack_qc_block
+from gfspy.ondisk.rgrp import RgrpHeader, RindexEntry, pack_rgrp_blocks
+from gfspy.ondisk.statfs import StatfsChange
 from gfspy.ondisk.superblock import Superblock
 
 from .alloc import Allocator, BlockTree, contiguous_tree
 from .dirs import Directory
 from .geometry import Layout, RgrpSpan
-from .records import (
-    RINDEX_ENTRY,
-    DinodeFields,
-    pack_dinode_into,
-    pack_indirect_block,
-    pack_rgrp_header_into,
-    pack_rindex_entry,
-)
-
-DIF_EXHASH = 0x2
 
 
 @dataclass(slots=True)
@@ -65,7 +59,7 @@ class JournalPlan:
 class _Inode:
     """A system inode being built: its dinode fields and where its content lives."""
 
-    fields: DinodeFields
+    fields: Dinode
     payload: bytes = b""  # bytes after the dinode header (stuffed data or pointers)
     tree: BlockTree | None = None
     directory: Directory | None = None
@@ -105,21 +99,15 @@ class BuiltFilesystem:
 
 def encode_rgrp(bsize: int, span: RgrpSpan, free: int, dinodes: int, bitmap: bytes) -> bytes:
     """RG block + RB blocks of an rgrp whose bitmap bytes are `bitmap`."""
-    buf = bytearray(span.length * bsize)
-    pack_rgrp_header_into(
-        buf, 0, free=free, dinodes=dinodes, skip=span.skip, data0=span.data0, data=span.data
+    header = RgrpHeader(
+        free=free,
+        dinodes=dinodes,
+        skip=span.skip,
+        data0=span.data0,
+        data=span.data,
+        bitbytes=span.bitbytes,
     )
-    rb_header = MetaHeader.for_type(METATYPE_RB).pack()
-    first = bsize - RG_HEADER_SIZE
-    buf[RG_HEADER_SIZE : RG_HEADER_SIZE + min(first, len(bitmap))] = bitmap[:first]
-    pos = first
-    for i in range(1, span.length):
-        off = i * bsize
-        buf[off : off + META_HEADER_SIZE] = rb_header
-        chunk = bitmap[pos : pos + bsize - META_HEADER_SIZE]
-        buf[off + META_HEADER_SIZE : off + META_HEADER_SIZE + len(chunk)] = chunk
-        pos += bsize - META_HEADER_SIZE
-    return bytes(buf)
+    return b"".join(pack_rgrp_blocks(header, bitmap, bsize, span.length))
 
 
 class _Builder:
@@ -141,11 +129,14 @@ class _Builder:
         return formal
 
     def _new_inode(self, addr: int, mode: int, flags: int, label: str) -> _Inode:
-        fields = DinodeFields(
+        now = self.opts.now
+        fields = Dinode(
             formal=self._take_formal(),
             addr=addr,
             mode=mode,
-            time=self.opts.now,
+            atime=now,
+            mtime=now,
+            ctime=now,
             goal_meta=addr,
             goal_data=addr,
             flags=flags,
@@ -227,8 +218,8 @@ class _Builder:
             ir = self._create(
                 per_node, f"inum_range{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/inum_range{j}"
             )
-            ir.fields.size = 16
-            ir.payload = bytes(16)
+            ir.fields.size = INUM_RANGE_SIZE
+            ir.payload = bytes(INUM_RANGE_SIZE)
             sc = self._create(
                 per_node,
                 f"statfs_change{j}",
@@ -236,8 +227,8 @@ class _Builder:
                 DIF_SYSTEM | DIF_JDATA,
                 f"per_node/statfs_change{j}",
             )
-            sc.fields.size = 24
-            sc.payload = bytes(24)
+            sc.fields.size = STATFS_CHANGE_SIZE
+            sc.payload = bytes(STATFS_CHANGE_SIZE)
             qc = self._create(
                 per_node, f"quota_change{j}", reg, DIF_SYSTEM, f"per_node/quota_change{j}"
             )
@@ -249,24 +240,25 @@ class _Builder:
         rindex = self._create(master, "rindex", reg, DIF_SYSTEM | DIF_JDATA, "rindex")
         rindex.fields.payload_format = FORMAT_RI
         entries = b"".join(
-            pack_rindex_entry(rg.addr, rg.length, rg.data0, rg.data) for rg in layout.rgrps
+            RindexEntry(rg.addr, rg.length, rg.data0, rg.data, rg.bitbytes).pack()
+            for rg in layout.rgrps
         )
-        self._write_data(rindex, entries, scratch=RINDEX_ENTRY)
+        self._write_data(rindex, entries, scratch=RINDEX_ENTRY_SIZE)
         quota = self._create(master, "quota", reg, DIF_SYSTEM | DIF_JDATA, "quota")
         quota.fields.payload_format = FORMAT_QU
-        entry = struct.pack(">QQq", 0, 0, 1) + bytes(QUOTA_ENTRY_SIZE - 24)
-        self._write_data(quota, entry * 2)  # uid 0 and gid 0
+        root_usage = QuotaEntry(value=1).pack()
+        self._write_data(quota, root_usage * 2)  # uid 0 and gid 0 each own one block
 
         root = self._new_inode(self.alloc.allocate_dinode(), stat.S_IFDIR | 0o755, 0, "root")
         self._make_dir(root, root.inum)
 
-        self._write_data(inum_file, struct.pack(">Q", self.next_formal))
+        self._write_data(inum_file, pack_next_inum(self.next_formal))
         total = layout.data_blocks
         self._write_data(
             statfs_file,
-            struct.pack(
-                ">qqq", total, total - self.alloc.blocks_allocated, self.alloc.dinodes_allocated
-            ),
+            StatfsChange(
+                total, total - self.alloc.blocks_allocated, self.alloc.dinodes_allocated
+            ).pack(),
         )
 
         sb = Superblock(
@@ -314,7 +306,7 @@ class _Builder:
         bsize = self.geom.bsize
         tree = BlockTree(self.geom)
         tree.set_height(self.geom.height_for_size((blocks + 1) * bsize))
-        header = MetaHeader.for_type(METATYPE_QC).pack() + bytes(bsize - META_HEADER_SIZE)
+        header = pack_qc_block(bsize)
         for lblock in range(blocks):
             qc.data_blocks[tree.map_new(lblock, self.alloc)] = header
         qc.tree = tree
@@ -345,17 +337,14 @@ class _Builder:
         elif inode.tree is not None:
             tree = inode.tree
             f.height = tree.height
-            payload = b"".join(p.to_bytes(8, "big") for p in tree.root)
+            payload = pack_pointers(tree.root)
             for block, pointers in tree.indirect.items():
-                out[block] = pack_indirect_block(pointers)
+                out[block] = pack_indirect_block(bsize, pointers)
             if inode.data_blocks:  # journals count their blocks up front
                 f.blocks = 1 + tree.block_count + len(inode.data_blocks)
                 f.goal_meta = tree.last_allocated
             out.update(inode.data_blocks)
-        buf = bytearray(bsize)
-        pack_dinode_into(buf, 0, f)
-        buf[DINODE_SIZE : DINODE_SIZE + len(payload)] = payload
-        out[f.addr] = bytes(buf)
+        out[f.addr] = f.pack_block(bsize, payload)
 
 
 def build_filesystem(layout: Layout, opts: MkfsOptions) -> BuiltFilesystem:

@@ -19,15 +19,11 @@ from gfspy.ondisk.constants import (
     LEAF_HEADER_SIZE,
     Geometry,
 )
+from gfspy.ondisk.directory import Dirent, Leaf, dirent_size, pack_hash_table, pack_jd_block
+from gfspy.ondisk.indirect import pack_indirect_block, pack_pointers
+from gfspy.ondisk.meta import Inum
 
 from .alloc import Allocator, BlockTree
-from .records import (
-    dirent_size,
-    pack_dirent_into,
-    pack_indirect_block,
-    pack_jd_block,
-    pack_leaf_header_into,
-)
 
 
 class DirectoryTooLarge(Exception):
@@ -35,7 +31,7 @@ class DirectoryTooLarge(Exception):
 
 
 @dataclass(slots=True)
-class Dirent:
+class _Slot:
     """One directory entry slot; formal == 0 marks an unused slot (a sentinel)."""
 
     name: bytes
@@ -55,26 +51,26 @@ class Dirent:
 
 
 @dataclass(slots=True)
-class Leaf:
+class _Leaf:
     depth: int
     entries: int = 0
-    dirents: list[Dirent] = field(default_factory=list)
+    dirents: list[_Slot] = field(default_factory=list)
 
 
-def _find_slot(dirents: list[Dirent], entries: int, region: int, name_len: int) -> int | None:
+def _find_slot(dirents: list[_Slot], entries: int, region: int, name_len: int) -> int | None:
     """Index of the slot a new `name_len` entry goes into (splitting slack), or None.
 
     An empty container is reset to one slot covering the whole region.
     """
     need = dirent_size(name_len)
     if entries == 0:
-        dirents[:] = [Dirent(b"", 0, 0, 0, region)]
+        dirents[:] = [_Slot(b"", 0, 0, 0, region)]
         return 0
     for i, dent in enumerate(dirents):
         fits_unused = not dent.used and dent.rec_len >= need
         if fits_unused or dent.rec_len >= dent.size + need:
             if dent.used:
-                tail = Dirent(b"", 0, 0, 0, dent.rec_len - dent.size)
+                tail = _Slot(b"", 0, 0, 0, dent.rec_len - dent.size)
                 dent.rec_len = dent.size
                 dirents.insert(i + 1, tail)
                 return i + 1
@@ -89,13 +85,13 @@ class Directory:
         self.geom = geom
         self.addr = addr
         region = geom.bsize - DINODE_SIZE
-        dot = Dirent(b".", self_formal, addr, 4, dirent_size(1), name_hash(b"."))
-        dotdot = Dirent(b"..", parent[0], parent[1], 4, region - dot.rec_len, name_hash(b".."))
-        self.linear: list[Dirent] | None = [dot, dotdot]
+        dot = _Slot(b".", self_formal, addr, 4, dirent_size(1), name_hash(b"."))
+        dotdot = _Slot(b"..", parent[0], parent[1], 4, region - dot.rec_len, name_hash(b".."))
+        self.linear: list[_Slot] | None = [dot, dotdot]
         self.entries = 2
         self.depth = 0
         self.table: list[int] = []
-        self.leaves: dict[int, Leaf] = {}
+        self.leaves: dict[int, _Leaf] = {}
         self.table_tree: BlockTree | None = None  # once the hash table leaves the dinode
         self.last_allocated = addr
 
@@ -116,7 +112,7 @@ class Directory:
         self._hashed_add(name, formal, addr, de_type, alloc)
 
     @staticmethod
-    def _fill(dent: Dirent, name: bytes, formal: int, addr: int, de_type: int) -> None:
+    def _fill(dent: _Slot, name: bytes, formal: int, addr: int, de_type: int) -> None:
         dent.name, dent.formal, dent.addr, dent.de_type = name, formal, addr, de_type
         dent.hash = name_hash(name)
 
@@ -132,7 +128,7 @@ class Directory:
         # The leaf's dirent area starts 128 bytes earlier than the dinode's; the last
         # entry absorbs the difference so the chain still ends at the block end.
         dirents[-1].rec_len += DINODE_SIZE - LEAF_HEADER_SIZE
-        self.leaves[block] = Leaf(depth=0, entries=self.entries, dirents=dirents)
+        self.leaves[block] = _Leaf(depth=0, entries=self.entries, dirents=dirents)
         self.linear = None
         self.table = [block] * self.geom.hash_ptrs
         self.depth = self.geom.hash_ptrs.bit_length() - 1
@@ -192,13 +188,13 @@ class Directory:
         region = self.geom.bsize - LEAF_HEADER_SIZE
         new_addr = self._allocate_leaf(alloc)
         old = self.leaves[old_addr]
-        new = Leaf(depth=0)
+        new = _Leaf(depth=0)
         span = 1 << (self.depth - old.depth)
         half = span >> 1
         for i in range(start, start + half):
             self.table[i] = new_addr
         divider = ((start + half) << (32 - self.depth)) & 0xFFFFFFFF
-        prev: Dirent | None = None
+        prev: _Slot | None = None
         moved = False
         for dent in list(old.dirents):
             if dent.used and dent.hash < divider:
@@ -219,7 +215,7 @@ class Directory:
             else:
                 prev = dent
         if not moved:
-            new.dirents = [Dirent(b"", 0, 0, 0, region)]
+            new.dirents = [_Slot(b"", 0, 0, 0, region)]
         old.depth += 1
         new.depth = old.depth
         self.leaves[new_addr] = new
@@ -246,7 +242,7 @@ class Directory:
         return count
 
     def _table_bytes(self) -> bytes:
-        return b"".join(block.to_bytes(8, "big") for block in self.table)
+        return pack_hash_table(self.table)
 
     def payload(self) -> bytes:
         """What follows the dinode header: dirents, the hash table, or its pointers."""
@@ -254,7 +250,7 @@ class Directory:
             return _pack_dirents(self.linear, self.geom.bsize - DINODE_SIZE)
         if self.table_tree is None:
             return self._table_bytes()
-        return b"".join(p.to_bytes(8, "big") for p in self.table_tree.root)
+        return pack_pointers(self.table_tree.root)
 
     def table_blocks(self) -> dict[int, bytes]:
         """JD and indirect blocks of a hash table that left the dinode."""
@@ -267,48 +263,39 @@ class Directory:
         for lblock, block in tree.mapped.items():
             out[block] = pack_jd_block(self.geom.bsize, table[lblock * jb : (lblock + 1) * jb])
         for block, pointers in tree.indirect.items():
-            out[block] = pack_indirect_block(pointers)
+            out[block] = pack_indirect_block(self.geom.bsize, pointers)
         return out
 
     def leaf_blocks(self) -> dict[int, bytes]:
         """Encoded leaf blocks by address."""
         out = {}
-        for block, leaf in self.leaves.items():
-            buf = bytearray(self.geom.bsize)
-            pack_leaf_header_into(buf, 0, depth=leaf.depth, entries=leaf.entries, owner=self.addr)
-            region = self.geom.bsize - LEAF_HEADER_SIZE
-            buf[LEAF_HEADER_SIZE:] = _pack_dirents(leaf.dirents, region)
-            out[block] = bytes(buf)
+        region = self.geom.bsize - LEAF_HEADER_SIZE
+        for block, slots in self.leaves.items():
+            # lf_dist 0 and no timestamp, as mkfs.gfs2 writes its leaves.
+            header = Leaf(depth=slots.depth, entries=slots.entries, inode=self.addr, dist=0)
+            out[block] = header.pack_block(self.geom.bsize, _pack_dirents(slots.dirents, region))
         return out
 
 
-def _pack_dirents(dirents: list[Dirent], region: int) -> bytes:
+def _pack_dirents(slots: list[_Slot], region: int) -> bytes:
+    """Encode slots back to back with their own rec_len (slack stays where it is)."""
     buf = bytearray(region)
     offset = 0
-    for dent in dirents:
-        if dent.used:
-            pack_dirent_into(
-                buf,
-                offset,
-                formal=dent.formal,
-                addr=dent.addr,
-                name_hash=dent.hash,
-                rec_len=dent.rec_len,
-                name=dent.name,
-                de_type=dent.de_type,
+    for slot in slots:
+        if slot.used:
+            dirent = Dirent(
+                Inum(slot.formal, slot.addr),
+                slot.hash,
+                slot.rec_len,
+                len(slot.name),
+                slot.de_type,
+                0,
+                slot.name,
             )
         else:
-            pack_dirent_into(
-                buf,
-                offset,
-                formal=0,
-                addr=0,
-                name_hash=0,
-                rec_len=dent.rec_len,
-                name=b"",
-                de_type=0,
-            )
-        offset += dent.rec_len
+            dirent = Dirent.sentinel(slot.rec_len)
+        dirent.pack_into(buf, offset)
+        offset += slot.rec_len
     if offset != region:
         raise AssertionError(f"dirents cover {offset} of {region} bytes")
     return bytes(buf)

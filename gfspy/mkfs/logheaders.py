@@ -10,30 +10,17 @@ map of the 32-bit state, tabulated once per block size.
 
 from __future__ import annotations
 
-import struct
-import zlib
 from collections.abc import Iterator
 from functools import lru_cache
 
 import crcmod
 
-from gfspy.ondisk.constants import (
-    LH_UNMOUNT,
-    LH_USERSPACE,
-    LOG_HEADER_SIZE,
-    METATYPE_LH,
-)
-from gfspy.ondisk.meta import MetaHeader
+from gfspy.ondisk.constants import LH_UNMOUNT, LH_USERSPACE, LOG_HEADER_SIZE
+from gfspy.ondisk.journal import LogHeader
 
 _crc32c_raw = crcmod.mkCrcFun(0x11EDC6F41, initCrc=0xFFFFFFFF, rev=True, xorOut=0)
-
-# sequence, flags, tail, blkno (hash comes after, at 44).
-_LH_FIRST = struct.Struct(">QIII")
-_LH_HASH = struct.Struct(">I")
-_LH_CRC = struct.Struct(">I")
-# nsec, sec, addr, jinode; statfs/quota/local fields stay zero.
-_LH_REST = struct.Struct(">IQQQ")
-_CRC_START = 52
+_CRC_START = 52  # lh_crc covers bytes 52..end of block and is stored at 48
+_CRC_OFFSET = 48
 MKFS_LH_FLAGS = LH_UNMOUNT | LH_USERSPACE
 
 
@@ -66,7 +53,6 @@ def journal_blocks(
     `first_block` is the device block of journal block 0 (the journal is contiguous,
     as mkfs makes it); `start_seq` is the sequence number of journal block 0.
     """
-    header = MetaHeader.for_type(METATYPE_LH).pack()
     tail_zeros = bsize - LOG_HEADER_SIZE
     seq = start_seq
     done = 0
@@ -76,14 +62,17 @@ def journal_blocks(
         for i in range(count):
             off = i * bsize
             jblock = done + i
-            buf[off : off + 24] = header
-            _LH_FIRST.pack_into(buf, off + 24, seq, MKFS_LH_FLAGS, 0, jblock)
-            _LH_HASH.pack_into(buf, off + 44, zlib.crc32(buf[off : off + 44] + b"\0\0\0\0"))
-            _LH_REST.pack_into(buf, off + 52, 0, 0, first_block + jblock, jinode)
-            crc = _crc_with_zero_tail(
-                bytes(buf[off + _CRC_START : off + LOG_HEADER_SIZE]), tail_zeros
-            )
-            _LH_CRC.pack_into(buf, off + 48, crc)
+            header = LogHeader(
+                sequence=seq,
+                flags=MKFS_LH_FLAGS,
+                tail=0,
+                blkno=jblock,
+                addr=first_block + jblock,
+                jinode=jinode,
+            ).pack()  # lh_hash filled in, lh_crc still 0
+            buf[off : off + LOG_HEADER_SIZE] = header
+            crc = _crc_with_zero_tail(header[_CRC_START:], tail_zeros)
+            buf[off + _CRC_OFFSET : off + _CRC_OFFSET + 4] = crc.to_bytes(4, "big")
             seq += 1
             if seq == nblocks:
                 seq = 0

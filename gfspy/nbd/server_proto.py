@@ -310,6 +310,10 @@ class ServerConnection:
             self._error(opt, Rep.ERR_INVALID, "TLS is already active")
         elif data:
             self._error(opt, Rep.ERR_INVALID, "STARTTLS takes no data")
+        elif self._inbuf:
+            # The client must wait for our ACK before its TLS hello; bytes already here
+            # would be lost under TLS, so this is a violation, not something to guess at.
+            return self._fail("client sent data after STARTTLS before the ACK")
         else:
             self._reply(opt, Rep.ACK)
             self.state = State.AWAIT_TLS

@@ -220,3 +220,23 @@ async def test_control_channel_rejects_bad_requests(start_blockd, tmp_path):
     await stream.aclose()
     status = await server_status(server.control)
     assert status["status"] == "OK" and status["fence_table"] == {}
+
+
+@pytest.mark.timeout(60)
+async def test_fencing_one_incarnation_spares_the_admitted_new_one(start_blockd, tmp_path):
+    server = start_blockd({"disk": make_image(tmp_path / "disk.img", 1 << 20)})
+    old = await raw_open(server.nbd_port, "disk@nodeA:1")
+    new = await raw_open(server.nbd_port, "disk@nodeA:2")
+    assert (await admit_node(server.control, "nodeA", 2, epoch=7))["status"] == "OK"
+    answer = await fence_node(server.control, "nodeA", epoch=7, incarnation=1)
+    assert answer["status"] == "CONFIRMED" and len(answer["sessions_closed"]) == 1
+    with trio.fail_after(10):
+        assert await old.at_eof()
+    assert (await new.call(Cmd.WRITE, 0, 512, b"n" * 512))[0] == 0
+    kind, _ = await go_refusal(server.nbd_port, "disk@nodeA:1")
+    assert kind == Rep.ERR_POLICY
+    kind, _ = await go_refusal(server.nbd_port, "disk@nodeA:3")  # not admitted
+    assert kind == Rep.ERR_POLICY
+    again = await raw_open(server.nbd_port, "disk@nodeA:2")
+    await again.aclose()
+    await new.aclose()

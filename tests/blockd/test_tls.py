@@ -53,6 +53,7 @@ def pki(tmp_path: Path) -> Path:
     )  # fmt: skip
     issue(d, "server", "127.0.0.1", "subjectAltName=IP:127.0.0.1")
     issue(d, "client", "node3")
+    issue(d, "admin", "admin")
     good = d / "node3"
     good.mkdir()
     for src, dst in (
@@ -97,12 +98,28 @@ def test_tls_client_certificate_required_and_names_the_node(start_blockd, pki, t
     assert "declared node node9 but certificate says node3" in server.log_text()
     assert server.alive()
 
+    # The control channel wants TLS with an administrator's certificate: not none, and
+    # not a node's (a fenced node must not be able to unfence itself).
+    def fence(*tls: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "gfspy.admin.cli", "fence", "node3", "--server", server.control,
+             "--timeout", "20", *tls],
+            capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+
+    ca = ["--tls-ca", str(pki / "ca-cert.pem")]
+    assert fence().returncode == 1
+    as_node = fence(
+        "--tls-cert", str(pki / "client-cert.pem"), "--tls-key", str(pki / "client-key.pem"), *ca
+    )
+    assert as_node.returncode == 1, as_node.stdout
+    assert "certificate CN node3 is not an administrator" in server.log_text()
     # The CN is what a fence names: after fencing node3 its certificate no longer works.
-    fence = subprocess.run(
-        [sys.executable, "-m", "gfspy.admin.cli", "fence", "node3", "--server", server.control],
-        capture_output=True, text=True, timeout=60,
-    )  # fmt: skip
-    assert fence.returncode == 0, fence.stdout + fence.stderr
+    as_admin = fence(
+        "--tls-cert", str(pki / "admin-cert.pem"), "--tls-key", str(pki / "admin-key.pem"), *ca
+    )
+    assert as_admin.returncode == 0, as_admin.stdout + as_admin.stderr
+    assert "CONFIRMED" in as_admin.stdout
     refused = nbdinfo(f"{base}/disk?tls-certificates={pki / 'node3'}")
     assert refused.returncode != 0
     assert "policy" in refused.stderr

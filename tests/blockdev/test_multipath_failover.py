@@ -103,8 +103,8 @@ async def test_sigkill_mid_write_fails_over_and_fails_back(two_servers):
 
         # The server comes back on the same port: reinstated, then immediate failback.
         await trio.to_thread.run_sync(a.start)
-        await wait_for(lambda: dev.paths[0].usable, 10, "path A reinstated")
-        await wait_for(lambda: dev.active_group == 0, 10, "failback to group 0")
+        await wait_for(lambda: dev.paths[0].usable, 30, "path A reinstated")
+        await wait_for(lambda: dev.active_group == 0, 30, "failback to group 0")
         a_before = dev.paths[0].requests
         await run_writer(dev, 400, 50, gaps, expected)
         assert dev.paths[0].requests >= a_before + 50
@@ -127,7 +127,7 @@ async def test_manual_failback_stays_on_the_surviving_path(two_servers):
         await dev.write(BLOCK, pattern(2))  # fails over
         assert dev.active_group == 1
         await trio.to_thread.run_sync(a.start)
-        await wait_for(lambda: dev.paths[0].usable, 10, "path A reinstated")
+        await wait_for(lambda: dev.paths[0].usable, 30, "path A reinstated")
         await trio.sleep(3 * config.polling_interval)
         assert dev.active_group == 1  # manual: no automatic failback
         dev.switch_group(0)  # the operator's failback

@@ -56,10 +56,10 @@ async def test_path_whose_identity_changes_on_reconnect_is_refused(servers):
     try:
         await dev.write(0, b"x" * 4096)
         await trio.to_thread.run_sync(a.stop)
-        await wait_for(lambda: not dev.paths[0].usable, 10, "path A failed")
+        await wait_for(lambda: not dev.paths[0].usable, 30, "path A failed")
         a.wwid = "swapped-cable"  # same address, different LUN behind it
         await trio.to_thread.run_sync(a.start)
-        await wait_for(lambda: "identity changed" in dev.paths[0].reason, 10, "refusal")
+        await wait_for(lambda: "identity changed" in dev.paths[0].reason, 30, "refusal")
         await trio.sleep(1.0)
         assert dev.paths[0].state == PathState.FAILED and not dev.paths[0].usable
         await dev.write(4096, b"y" * 4096)  # still served by B
@@ -152,9 +152,9 @@ async def test_deferred_failback_waits_for_a_healthy_path(servers):
         await dev.write(0, b"1" * 4096)  # fails over to B
         assert dev.active_group == 1
         await trio.to_thread.run_sync(a.start)
-        await wait_for(lambda: dev.paths[0].usable, 10, "path A reinstated")
+        await wait_for(lambda: dev.paths[0].usable, 30, "path A reinstated")
         reinstated_at = dev.paths[0].ready_since
-        await wait_for(lambda: dev.active_group == 0, 10, "deferred failback")
+        await wait_for(lambda: dev.active_group == 0, 30, "deferred failback")
         # The code only fails back once the path has been up for `failback` seconds.
         assert trio.current_time() - reinstated_at >= config.failback
         before = dev.paths[0].requests

@@ -300,3 +300,39 @@ def test_starttls_refused_or_followed_by_injected_bytes():
     )
     with pytest.raises(NbdProtocolError, match="plaintext"):
         c.next_event()
+
+
+@pytest.mark.timeout(60)
+def test_random_server_bytes_only_ever_give_protocol_errors():
+    """Garbage in any chunking: NEED_DATA, events, or our two error types, nothing else."""
+    import random
+
+    rng = random.Random(1234)
+    for trial in range(300):
+        handshake_done = trial % 2 == 0
+        if handshake_done:
+            c, _ = negotiated_client()
+            for _ in range(rng.randrange(1, 4)):
+                c.request(Cmd.READ, 0, rng.choice([512, 4096]))
+                c.request(Cmd.WRITE, 0, payload=bytes(512))
+        else:
+            c = ClientConnection("x")
+        junk = bytes(rng.randrange(256) for _ in range(rng.randrange(1, 200)))
+        if rng.random() < 0.5:  # sometimes a valid prefix, then junk
+            junk = wire.encode_greeting() + junk if not handshake_done else junk
+        pos = 0
+        try:
+            while pos < len(junk):
+                step = rng.randrange(1, 40)
+                c.receive_data(junk[pos : pos + step])
+                pos += step
+                for _ in range(50):
+                    if c.next_event() is NEED_DATA:
+                        break
+            c.receive_data(b"")
+            for _ in range(50):
+                ev = c.next_event()
+                if ev is NEED_DATA or isinstance(ev, ConnectionClosed):
+                    break
+        except (NbdProtocolError, NbdNegotiationError):
+            pass

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import errno
+import signal
+import ssl
 import subprocess
 from pathlib import Path
 
 import pytest
+import trio
 
 from gfspy.blockd.control_client import server_status
 from gfspy.blockdev.device import DeviceError, open_device
@@ -44,6 +47,7 @@ def pki(tmp_path: Path) -> Path:
     openssl(d, "req", "-x509", "-new", "-key", "ca-key.pem", "-subj", "/CN=test CA", "-days", "2", "-out", "ca-cert.pem")  # fmt: skip
     issue(d, "server", "127.0.0.1", "IP:127.0.0.1")
     issue(d, "client", "node3")
+    issue(d, "admin", "admin")
     for name, files in {
         "node3": ("ca-cert", "client-cert", "client-key"),
         "nocert": ("ca-cert",),
@@ -54,11 +58,21 @@ def pki(tmp_path: Path) -> Path:
     return d
 
 
+def admin_context(pki: Path) -> ssl.SSLContext:
+    """What an administrator (the test) presents on the TLS control channel."""
+    context = ssl.create_default_context(cafile=str(pki / "ca-cert.pem"))
+    context.load_cert_chain(str(pki / "admin-cert.pem"), str(pki / "admin-key.pem"))
+    return context
+
+
 @pytest.mark.timeout(90)
 async def test_tls_paths_carry_the_certificate_identity(tmp_path, pki):
     image = make_image(tmp_path / "lun.img", 4 << 20)
+    # gfspy-blockd lets only administrator certificates onto its control channel, and the
+    # client's quiesce rule needs SESSION_FENCE of its own sessions: node3 is listed as an
+    # administrator here until the server accepts that one operation from the node itself.
     tls = ["--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
-           "--tls-ca", str(pki / "ca-cert.pem")]  # fmt: skip
+           "--tls-ca", str(pki / "ca-cert.pem"), "--admin-cn", "admin", "--admin-cn", "node3"]  # fmt: skip
     a = Blockd(image, tmp_path / "a", extra_args=tls).start()
     b = Blockd(image, tmp_path / "b", extra_args=tls).start()
     try:
@@ -70,7 +84,8 @@ async def test_tls_paths_carry_the_certificate_identity(tmp_path, pki):
             await dev.write(0, b"t" * 4096)
             await dev.flush()
             assert await dev.read(0, 4096) == b"t" * 4096
-            (session,) = (await server_status(a.control, timeout=10))["sessions"]
+            status = await server_status(a.control, timeout=10, ssl_context=admin_context(pki))
+            (session,) = status["sessions"]
             assert session["node"] == "node3" and session["authenticated"]
         finally:
             await dev.aclose()
@@ -94,3 +109,29 @@ async def test_tls_paths_carry_the_certificate_identity(tmp_path, pki):
         a.stop()
         b.stop()
     assert image.read_bytes()[:4096] == b"t" * 4096
+
+
+@pytest.mark.timeout(90)
+async def test_tls_in_doubt_write_is_settled_over_the_tls_control_channel(tmp_path, pki, caplog):
+    image = make_image(tmp_path / "lun.img", 1 << 20)
+    tls = ["--tls-cert", str(pki / "server-cert.pem"), "--tls-key", str(pki / "server-key.pem"),
+           "--tls-ca", str(pki / "ca-cert.pem"), "--admin-cn", "node3"]  # fmt: skip
+    server = Blockd(image, tmp_path / "s", extra_args=tls).start()
+    try:
+        uri = server.uri("node3", scheme="nbds", query=f"&tls-certificates={pki / 'node3'}")
+        dev = await NbdDevice.open(uri, io_timeout=1, quiesce_timeout=30)
+        try:
+            server.proc.send_signal(signal.SIGSTOP)  # frozen: the write below is in doubt
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(dev.write, 0, b"s" * 4096)
+                    await trio.sleep(2.0)
+                    server.proc.send_signal(signal.SIGCONT)
+            finally:
+                server.proc.send_signal(signal.SIGCONT)
+            assert "SESSION_FENCE" in caplog.text and "confirmed" in caplog.text
+            assert await dev.read(0, 4096) == b"s" * 4096
+        finally:
+            await dev.aclose()
+    finally:
+        server.stop()

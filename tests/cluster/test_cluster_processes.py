@@ -220,7 +220,7 @@ def test_two_nodes_with_block_server_as_witness(tmp_path, closing):
     cluster.kill(2)
     cluster.wait_view([1], [1])
     status = cluster.status(1)
-    assert [r["ok"] for r in fences(status)] == [True], status
+    assert [r["ok"] for r in fences(status)] == [True], cluster.diagnose()
 
     # Without the witness it is 1 of 3: no quorum, locking stops.
     server.close()

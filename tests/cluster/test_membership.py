@@ -6,6 +6,9 @@ in a minority, no re-admission of a removed incarnation."""
 
 from __future__ import annotations
 
+import os
+import random
+
 import pytest
 
 from gfspy.cluster.config import parse_config
@@ -17,6 +20,9 @@ from gfspy.cluster.membership import (
     ViewCommitted,
 )
 from gfspy.cluster.quorum import QuorumCalculator
+
+#: Random schedules explored by the property test (set GFSPY_SIM_SEEDS=1000 to dig deeper).
+SIM_SEEDS = int(os.environ.get("GFSPY_SIM_SEEDS", "40"))
 
 
 def make_config(n: int, **quorum: object):
@@ -278,12 +284,10 @@ def test_late_starter_with_lowest_id_joins_instead_of_bootstrapping():
 
 
 @pytest.mark.timeout(60)
-@pytest.mark.parametrize("seed", range(int(__import__("os").environ.get("GFSPY_SIM_SEEDS", "40"))))
+@pytest.mark.parametrize("seed", range(SIM_SEEDS))
 def test_random_failures_partitions_and_losses_keep_views_consistent(seed):
     """Invariants under random crashes, restarts, partitions and lost messages:
     one member set per epoch, only quorate views, epochs increase on every node."""
-    import random
-
     rng = random.Random(seed)
     n = 5
     sim = Sim(n)

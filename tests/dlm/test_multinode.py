@@ -306,7 +306,9 @@ async def test_node_dying_during_recovery_aborts_the_pass_and_next_view_recovers
 
 
 @pytest.mark.timeout(90)
-@pytest.mark.parametrize("seed", [int(s) for s in __import__("os").environ.get("DLM_STORM_SEEDS", "7 8").split()])
+@pytest.mark.parametrize(
+    "seed", [int(s) for s in __import__("os").environ.get("DLM_STORM_SEEDS", "7 8").split()]
+)
 async def test_storm_survives_a_node_killed_mid_storm(seed):
     """Random traffic on four nodes; one dies in the middle. Survivors never see two
     incompatible grants, every survivor operation completes, and the masters end empty."""
@@ -323,8 +325,12 @@ async def test_storm_survives_a_node_killed_mid_storm(seed):
                 return
             for other, mode in held[handle.name].items():
                 if other != (node, handle.lkid) and not compatible(mode, handle.mode):
-                    violations.append((handle.name, other, mode, node, handle.mode))
+                    violations.append((handle.name, other, mode, node, handle.lkid, handle.mode, phase,
+                        {n: ls.masters[handle.name].dump() for n, ls in c.spaces.items() if handle.name in ls.masters},
+                        {n: (ls.rsbs[handle.name].master if handle.name in ls.rsbs else None) for n, ls in c.spaces.items()}))
             held[handle.name][(node, handle.lkid)] = handle.mode
+
+        phase = "before"  # noqa
 
         async def worker(node, rng, cancel_scope):
             with cancel_scope:
@@ -352,7 +358,17 @@ async def test_storm_survives_a_node_killed_mid_storm(seed):
 
         rng = random.Random(seed)
         scopes = {n: [trio.CancelScope() for _ in range(3)] for n in (1, 2, 3, 4)}
+        two_masters: list = []
+
+        async def single_master_checker():
+            while True:
+                for name in names:
+                    if len(c.masters_of(name)) > 1:
+                        two_masters.append((name, c.masters_of(name)))
+                await trio.sleep(0.002)
+
         async with trio.open_nursery() as workers:
+            workers.start_soon(single_master_checker)
             for node, node_scopes in scopes.items():
                 for scope in node_scopes:
                     workers.start_soon(worker, node, random.Random(rng.random()), scope)
@@ -360,16 +376,21 @@ async def test_storm_survives_a_node_killed_mid_storm(seed):
             for scope in scopes[victim]:
                 scope.cancel()
             await c.kill(victim)
+            phase = "killed"
             for name in names:
                 for key in [k for k in held[name] if k[0] == victim]:
                     del held[name][key]
             before = dict(completed)
             await c.change_view(removed=frozenset({victim}))
+            phase = "recovered"
             await trio.sleep(0.4)
             for node in (1, 2, 3):
                 for scope in scopes[node]:
                     scope.cancel()
-        assert violations == []
+            workers.cancel_scope.cancel()
+        import pprint
+        assert violations == [], pprint.pformat(violations)
+        assert two_masters == []
         assert all(completed[n] > before[n] for n in (1, 2, 3))
         # workers were cancelled mid-operation; drain what they left behind
         leftovers = [h for ls in c.spaces.values() for h in ls.handles.values()]

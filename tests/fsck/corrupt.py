@@ -143,28 +143,48 @@ class Image:
         self.write(addr, block)
         return addr
 
-    def mark_free_block_used(self) -> int:
-        """Mark the last free data block of the last rgrp USED; returns that block."""
-        entry = self.rindex()[-1]
-        bs = self.bsize
-        length = entry.length
-        raw = [self.read(entry.addr + k) for k in range(length)]
-        spans = [(0, RG_HEADER_SIZE)] + [(k, META_HEADER_SIZE) for k in range(1, length)]
-        bitmap = bytearray(b"".join(bytes(raw[k][off:bs]) for k, off in spans))
-        n = entry.data - 1
-        while get_state(bitmap, n) != 0:
-            n -= 1
-        set_state(bitmap, n, 1)
+    def _bitmap(self, entry: RindexEntry) -> tuple[list[bytearray], bytearray]:
+        raw = [self.read(entry.addr + k) for k in range(entry.length)]
+        spans = [(0, RG_HEADER_SIZE)] + [(k, META_HEADER_SIZE) for k in range(1, entry.length)]
+        bitmap = bytearray(b"".join(bytes(raw[k][off:]) for k, off in spans))
+        return raw, bitmap
+
+    def _store_state(
+        self, entry: RindexEntry, raw: list[bytearray], bitmap: bytearray, n: int
+    ) -> None:
         byte = n // 4
-        first = bs - RG_HEADER_SIZE
+        first = self.bsize - RG_HEADER_SIZE
         if byte < first:
             k, off = 0, RG_HEADER_SIZE + byte
         else:
-            k, rest = divmod(byte - first, bs - META_HEADER_SIZE)
+            k, rest = divmod(byte - first, self.bsize - META_HEADER_SIZE)
             k, off = k + 1, META_HEADER_SIZE + rest
         raw[k][off] = bitmap[byte]
         self.write(entry.addr + k, raw[k])
-        return entry.data0 + n
+
+    def set_block_state(self, block: int, state: int) -> int:
+        """Rewrite one block's two-bit bitmap state (rgrp counts left alone)."""
+        entry = next(e for e in self.rindex() if e.contains(block))
+        raw, bitmap = self._bitmap(entry)
+        set_state(bitmap, block - entry.data0, state)
+        self._store_state(entry, raw, bitmap, block - entry.data0)
+        return block
+
+    def mark_free_block_used(self) -> int:
+        """Mark the last free data block of the last rgrp USED; returns that block."""
+        entry = self.rindex()[-1]
+        _, bitmap = self._bitmap(entry)
+        n = entry.data - 1
+        while get_state(bitmap, n) != 0:
+            n -= 1
+        return self.set_block_state(entry.data0 + n, 1)
+
+    def set_statfs_change(self, j: int, total: int, free: int, dinodes: int) -> int:
+        addr = self.system(f"statfs_change{j}")
+        block = self.read(addr)
+        struct.pack_into(">qqq", block, DINODE_SIZE, total, free, dinodes)
+        self.write(addr, block)
+        return addr
 
     def break_dirent_hash(self, dir_addr: int, name: bytes) -> int:
         block = self.read(dir_addr)

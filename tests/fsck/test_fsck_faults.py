@@ -147,3 +147,20 @@ def test_several_faults_are_all_reported(fresh_image: Path) -> None:
     assert re.search(rf"^rgrp {rgrp}: rg_free is 3 but the bitmap has 0", result.stdout, re.M)
     assert "2 problem(s) found" in result.stdout
     assert image_digest(fresh_image) == before
+
+
+@pytest.mark.timeout(60)
+def test_statfs_change_left_over_on_a_clean_journal(fresh_image: Path) -> None:
+    """fsck.gfs2 ignores statfs_change files, but the kernel would fold these deltas
+    into the totals again at the next mount, so a clean image must have none."""
+    block = Image(fresh_image).set_statfs_change(1, 0, -5, 2)
+    before = image_digest(fresh_image)
+
+    result = run_fsck("-n", fresh_image)
+
+    assert result.returncode == 4, result.stdout + result.stderr
+    assert result.stdout.splitlines()[0] == (
+        f"inode {block} (statfs_change1): holds unapplied deltas (total 0, free -5, "
+        "dinodes 2) although journal1 is clean"
+    )
+    assert image_digest(fresh_image) == before

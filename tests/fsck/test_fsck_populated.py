@@ -114,7 +114,19 @@ def _ed_type(im: Image, p: Populated) -> dict[str, int]:
     return {"ino": p.eafile, "block": ed}
 
 
+def _unlinked(im: Image, p: Populated) -> dict[str, int]:
+    block = im.set_block_state(p.files[b"file0200"], 2)
+    rgrp = next(e.addr for e in im.rindex() if e.contains(block))
+    return {"block": block, "rgrp": rgrp}
+
+
 FAULTS = [
+    Fault(
+        "unlinked_state",
+        _unlinked,
+        r"^rgrp {rgrp}: 1 block\(s\) are marked UNLINKED \(inodes awaiting deallocation\)$",
+        r"bitmap says 2 \(other\)",
+    ),
     Fault(
         "lf_entries",
         _lf_entries,

@@ -4,10 +4,11 @@ fsck.gfs2 as the oracle, and small readers for picking blocks to journal."""
 from __future__ import annotations
 
 import re
+import shutil
 import struct
 import subprocess
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from gfspy.blockdev.device import Device
@@ -19,7 +20,7 @@ from gfspy.ondisk.dinode import Dinode
 from gfspy.ondisk.meta import MetaHeader
 from gfspy.ondisk.rgrp import RindexEntry, extract_bitmap, get_state
 
-IMAGE_MIB = 64
+IMAGE_MIB = 24
 BSIZE = 4096
 
 
@@ -164,3 +165,61 @@ def data_block(tag: int, *, starts_with_magic: bool = False) -> bytes:
     """A journaled-data image; with `starts_with_magic` it exercises escaping."""
     head = struct.pack(">I", 0x01161970) if starts_with_magic else b"DATA"
     return (head + struct.pack(">Q", tag) * ((BSIZE - 4) // 8)).ljust(BSIZE, b"\0")
+
+
+# ---------------------------------------------------------------- crash simulation
+
+
+@dataclass
+class RecordingDevice(Device):
+    """A real device that also remembers each write, grouped by flush epochs."""
+
+    inner: LocalDevice
+    epochs: list[list[tuple[int, bytes]]] = field(default_factory=lambda: [[]])
+
+    def __post_init__(self) -> None:
+        self.size = self.inner.size
+        self.block_size = self.inner.block_size
+        self.name = self.inner.name
+
+    async def read(self, offset: int, length: int) -> bytes:
+        return await self.inner.read(offset, length)
+
+    async def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
+        # Record block by block: a multi-block write may be torn by a power cut.
+        raw = bytes(data)
+        for at in range(0, len(raw), BSIZE):
+            self.epochs[-1].append((offset + at, raw[at : at + BSIZE]))
+        await self.inner.write(offset, data)
+
+    async def flush(self) -> None:
+        await self.inner.flush()
+        self.epochs.append([])
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+def crash_states(
+    epochs: list[list[tuple[int, bytes]]],
+) -> list[tuple[str, list[tuple[int, bytes]]]]:
+    """Every write set a crash could leave on disk, as (label, writes to apply)."""
+    states = []
+    durable: list[tuple[int, bytes]] = []
+    for e, pending in enumerate(epochs):
+        for k in range(len(pending) + 1):
+            states.append((f"epoch {e}, first {k} of {len(pending)} writes", durable + pending[:k]))
+        if len(pending) > 1:
+            states.append((f"epoch {e}, only the last write", durable + pending[-1:]))
+            states.append((f"epoch {e}, all but the first write", durable + pending[1:]))
+        durable = durable + pending
+    return states
+
+
+def build_image(base: Path, writes: list[tuple[int, bytes]], out: Path) -> Path:
+    shutil.copyfile(base, out)
+    with open(out, "r+b") as f:
+        for offset, data in writes:
+            f.seek(offset)
+            f.write(data)
+    return out

@@ -266,7 +266,7 @@ async def test_survivor_recovers_another_nodes_journal(tmp_path: Path) -> None:
     """Node 1 dies with a transaction in journal1; node 0, with its own journal
     open, recovers journal1 (clean header UNMOUNT|RECOVERY) and fsck.gfs2 -n finds
     nothing to say; fsck.gfs2 -y and our fsck-style replay agree byte for byte."""
-    image = make_image(tmp_path / "fs.img", journals=2)
+    image = make_image(tmp_path / "fs.img", size_mib=40, journals=2)
     dev = await open_device(image)
     try:
         root, root_img = await root_dinode(dev)

@@ -14,11 +14,11 @@ import trio
 
 from gfspy.blockdev.device import Device, DeviceError
 from gfspy.blockdev.local import LocalDevice
-from gfspy.journal.extent import JournalExtents
+from gfspy.journal.extent import JournalExtents, JournalLayoutError
 from gfspy.journal.log import JournalFullError, JournalWithdrawnError, open_journal
-from gfspy.journal.replay import ReplayError, replay_journal
+from gfspy.journal.replay import ReplayError, recover_journal, replay_journal
 from gfspy.journal.transaction import Transaction, TransactionError
-from gfspy.ondisk.constants import LD_METADATA, METATYPE_LH
+from gfspy.ondisk.constants import DINODE_SIZE, LD_METADATA, METATYPE_LH
 from gfspy.ondisk.meta import MetaHeader
 
 from .helpers import (
@@ -409,3 +409,60 @@ async def test_log_daemon_commits_and_writes_back_in_the_background(tmp_path: Pa
     for blk in pool:
         assert read_block(image, blk) == metadata_block(blk, 1)
     assert not fsck(image, "-n").dirty
+
+
+@pytest.mark.timeout(60)
+async def test_ordered_data_is_written_even_when_nothing_is_logged(tmp_path: Path) -> None:
+    """fsync of a file whose metadata did not change still makes its data durable."""
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        (blk,) = await free_blocks(dev, 1)
+        journal = await open_journal(dev, 0)
+
+        async def write_data() -> None:
+            await dev.write(blk * BSIZE, data_block(11))
+
+        await journal.add(Transaction(BSIZE), ordered=write_data)
+        sequence = journal.next_sequence
+        await journal.flush()
+        assert journal.next_sequence == sequence, "no log write for an empty transaction"
+    finally:
+        await dev.aclose()
+    assert read_block(image, blk) == data_block(11)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        ("hole", "hole at journal block"),
+        ("twice", "mapped twice"),
+        ("not_indirect", "expected IN block"),
+        ("beyond", "beyond device"),
+    ],
+)
+async def test_journal_tree_that_cannot_be_trusted_is_refused(
+    tmp_path: Path, damage: str, message: str
+) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        files, _ = await journal0(dev)
+        raw = bytearray(await dev.read(files.journal * BSIZE, BSIZE))
+        (first_in,) = struct.unpack_from(">Q", raw, DINODE_SIZE)
+        if damage == "hole":
+            struct.pack_into(">Q", raw, DINODE_SIZE + 8, 0)
+        elif damage == "twice":
+            struct.pack_into(">Q", raw, DINODE_SIZE + 8, first_in)
+        elif damage == "not_indirect":
+            struct.pack_into(">Q", raw, DINODE_SIZE + 8, files.journal)  # the dinode
+        else:
+            struct.pack_into(">Q", raw, DINODE_SIZE + 8, 1 << 40)
+        await dev.write(files.journal * BSIZE, bytes(raw))
+        with pytest.raises(JournalLayoutError, match=message):
+            await open_journal(dev, 0)
+        with pytest.raises(JournalLayoutError, match=message):
+            await recover_journal(dev, 0)
+    finally:
+        await dev.aclose()

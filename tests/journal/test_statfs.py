@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from gfspy.journal.locate import locate_journal
+from gfspy.blockdev.local import LocalDevice
+from gfspy.journal.locate import JournalFiles, locate_journal
 from gfspy.journal.log import open_journal
 from gfspy.journal.replay import recover_journal, replay_journal
 from gfspy.journal.scan import scan_journal
@@ -36,7 +37,10 @@ from gfspy.ondisk.xattr import EARecord, pack_ea_block
 
 from .helpers import (
     BSIZE,
+    RecordingDevice,
     assert_fsck_silent,
+    build_image,
+    crash_states,
     free_blocks,
     fsck,
     journal0,
@@ -52,8 +56,9 @@ def statfs_of(path: Path, addr: int) -> StatfsChange:
     return StatfsChange.unpack(read_block(path, addr), DINODE_SIZE)
 
 
-@pytest.mark.timeout(60)
-async def test_replay_folds_statfs_deltas_like_the_kernel(tmp_path: Path) -> None:
+async def crashed_after_allocation(tmp_path: Path) -> tuple[Path, JournalFiles]:
+    """An image whose node allocated one block in a committed transaction (statfs
+    delta free -1 in the header) and died before writing anything in place."""
     image = make_image(tmp_path / "fs.img")
     dev = await open_device(image)
     try:
@@ -87,6 +92,12 @@ async def test_replay_folds_statfs_deltas_like_the_kernel(tmp_path: Path) -> Non
         assert journal.statfs_local == [0, -1, 0]
     finally:
         await dev.aclose()  # the node dies here
+    return image, files
+
+
+@pytest.mark.timeout(60)
+async def test_replay_folds_statfs_deltas_like_the_kernel(tmp_path: Path) -> None:
+    image, files = await crashed_after_allocation(tmp_path)
     master_before = statfs_of(image, files.master_statfs)
 
     by_fsck = tmp_path / "by-fsck.img"
@@ -121,3 +132,31 @@ async def test_replay_folds_statfs_deltas_like_the_kernel(tmp_path: Path) -> Non
     finally:
         await dev.aclose()
     assert "statfs file is wrong" in fsck(unfolded, "-n").output
+
+
+@pytest.mark.timeout(120)
+async def test_crash_during_recovery_never_folds_twice(tmp_path: Path) -> None:
+    image, files = await crashed_after_allocation(tmp_path)
+    master_before = statfs_of(image, files.master_statfs)
+    expected = StatfsChange(master_before.total, master_before.free - 1, master_before.dinodes)
+    base = tmp_path / "dead-node.img"
+    shutil.copyfile(image, base)
+    recorder = RecordingDevice(await LocalDevice.open(str(image)))
+    try:
+        await recover_journal(recorder, 0, recovery=True)
+    finally:
+        await recorder.aclose()
+    states = crash_states(recorder.epochs)
+    assert len(states) > 8
+    for index, (label, writes) in enumerate(states):
+        crashed = build_image(base, writes, tmp_path / f"crash{index}.img")
+        dev = await open_device(crashed)
+        try:  # another survivor retries the recovery
+            await recover_journal(dev, 0, recovery=True)
+        finally:
+            await dev.aclose()
+        assert statfs_of(crashed, files.master_statfs) == expected, label
+        assert statfs_of(crashed, files.statfs_change) == StatfsChange(), label
+        if index % 3 == 0:
+            assert_fsck_silent(crashed, tmp_path)
+        crashed.unlink()

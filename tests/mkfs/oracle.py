@@ -20,7 +20,8 @@ _FSCK_PROGRESS = re.compile(
     r"^(Initializing fsck|Validating resource group index\.|"
     r"Level \d resource group check: .*|\(level \d passed\)|Starting pass\w+|"
     r"pass\w+ completed in [\d.]+s|Reconciling bitmaps\.|reconcile_bitmaps completed in [\d.]+s|"
-    r"Starting check_statfs|check_statfs completed in [\d.]+s|fsck\.gfs2 complete)$"
+    r"Starting check_statfs|check_statfs completed in [\d.]+s|fsck\.gfs2 complete|"
+    r"\d+ percent complete\.)$"
 )
 _DIRENT = re.compile(
     r"\[[0-9A-F]{8}\] (\d+)/(\d+) \(0x[0-9a-f]+/0x[0-9a-f]+\) \+\d+: (\w+)\s+(\S+)\s*$"
@@ -54,7 +55,11 @@ def gfspy_mkfs(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[
 
 def mkfs_gfs2(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        ["mkfs.gfs2", *args], capture_output=True, text=True, timeout=timeout, stdin=subprocess.DEVNULL
+        ["mkfs.gfs2", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        stdin=subprocess.DEVNULL,
     )
 
 
@@ -105,7 +110,9 @@ def rindex(image: Path) -> list[tuple[int, int, int, int, int]]:
     for key, value in fields:
         current[key] = int(value)
         if key == "bitbytes":
-            entries.append(tuple(current[k] for k in ("addr", "length", "data0", "data", "bitbytes")))
+            entries.append(
+                tuple(current[k] for k in ("addr", "length", "data0", "data", "bitbytes"))
+            )
             current = {}
     return entries
 

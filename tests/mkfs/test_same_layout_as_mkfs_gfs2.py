@@ -19,7 +19,10 @@ CONFIGS = [
     # (device bytes, options)
     (256 * MIB, ["-p", "lock_dlm", "-t", "c:fs", "-j", "2"]),  # the reference image
     (300 * MIB, ["-p", "lock_nolock", "-b", "512", "-j", "8"]),  # hashed dirs, split leaves
-    (2 << 30, ["-p", "lock_nolock", "-b", "512", "-j", "40"]),  # hash table doubled into JD blocks
+    (
+        480 * MIB,
+        ["-p", "lock_nolock", "-b", "512", "-j", "30"],
+    ),  # per_node table doubled into JD blocks
     (512 * MIB, ["-p", "lock_nolock", "-b", "2048", "-j", "16"]),  # rindex unstuffed early
     (600 * MIB, ["-p", "lock_dlm", "-t", "a:b", "-j", "3", "-J", "20", "-r", "32"]),
     (3 << 30, ["-p", "lock_nolock", "-b", "1024", "-j", "5", "-r", "33", "-c", "2"]),

@@ -143,6 +143,10 @@ def test_forced_tls_refuses_everything_but_starttls():
     assert replies(conn.data_to_send())[0][1] == Rep.ERR_INVALID  # already on
     [event] = events(conn, wire.encode_option(Opt.LIST))
     assert event == sp.ListRequested()
+    # A client that does not wait for the ACK before its TLS hello breaks the protocol.
+    eager = haggling(sp.TLSMode.FORCED)
+    [event] = events(eager, wire.encode_option(Opt.STARTTLS) + b"\x16\x03\x01")
+    assert isinstance(event, sp.ProtocolError)
     # EXPORT_NAME cannot carry an error, so without TLS it can only hang up.
     plain = haggling(sp.TLSMode.FORCED)
     [event] = events(plain, wire.encode_option(Opt.EXPORT_NAME, b"d"))

@@ -1,0 +1,101 @@
+"""File contents against a reference model, fsx style: writes, truncates and holes
+that move files between stuffed, height 1 and height 2 (and back), checked after
+every step and again after a remount, with both checkers at the end."""
+
+from __future__ import annotations
+
+import errno
+import random
+
+import pytest
+
+from gfspy.fs.api import FsError, SetAttr
+
+from .helpers import assert_clean, make_image, mounted
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("bsize", [4096, 1024])
+async def test_random_io_matches_model(tmp_path, bsize):
+    rng = random.Random(1802 + bsize)
+    img = make_image(tmp_path / "fs.img", size_mib=128, bsize=bsize)
+    stuffed = bsize - 232
+    height1 = bsize * ((bsize - 232) // 8)  # largest file a height-1 tree addresses
+    limit = height1 * 3 // 2  # crossing into height 2 (and 3 for 1 KiB blocks)
+    files = 3
+    models = [bytearray() for _ in range(files)]
+    async with mounted(img) as fs:
+        inos = [
+            (await fs.create(fs.root_ino, b"f%d" % i, 0o100644, 0, 0)).ino for i in range(files)
+        ]
+        for step in range(700):
+            k = rng.randrange(files)
+            ino, model = inos[k], models[k]
+            op = rng.random()
+            if op < 0.55:
+                where = rng.choice([rng.randrange(stuffed + 16), rng.randrange(limit)])
+                length = rng.choice([1, 7, rng.randrange(1, 3 * bsize), rng.randrange(1, 70000)])
+                data = rng.randbytes(length)
+                assert await fs.write(ino, where, data) == length
+                if len(model) < where:
+                    model.extend(bytes(where - len(model)))
+                model[where : where + length] = data
+            elif op < 0.75:
+                size = rng.choice([0, rng.randrange(stuffed + 8), rng.randrange(limit)])
+                await fs.setattr(ino, SetAttr(size=size))
+                if size < len(model):
+                    del model[size:]
+                else:
+                    model.extend(bytes(size - len(model)))
+            else:
+                where = rng.randrange(len(model) + 10)
+                length = rng.randrange(1, 3 * bsize)
+                got = await fs.read(ino, where, length)
+                assert got == bytes(model[where : where + length]), f"step {step}"
+            attr = await fs.getattr(ino)
+            assert attr.size == len(model), f"step {step}"
+        for ino, model in zip(inos, models, strict=True):
+            assert await fs.read(ino, 0, len(model) + 1) == bytes(model)
+    async with mounted(img) as fs:
+        for i, model in enumerate(models):
+            ino = (await fs.lookup(fs.root_ino, b"f%d" % i)).ino
+            assert await fs.read(ino, 0, len(model) + 1) == bytes(model)
+    assert_clean(img)
+
+
+@pytest.mark.timeout(60)
+async def test_full_filesystem_gives_enospc_and_stays_consistent(tmp_path):
+    img = make_image(tmp_path / "fs.img", size_mib=48)
+    async with mounted(img) as fs:
+        root = fs.root_ino
+        chunk = bytes(range(256)) * 4096  # 1 MiB
+        ino = (await fs.create(root, b"filler", 0o100644, 0, 0)).ino
+        offset = 0
+        with pytest.raises(FsError) as info:
+            while True:
+                await fs.write(ino, offset, chunk)
+                offset += len(chunk)
+        assert info.value.errno == errno.ENOSPC
+        assert offset > 20 << 20
+        assert await fs.read(ino, offset - 10, 10) == chunk[-10:]
+        await fs.unlink(root, b"filler")
+        small = (await fs.create(root, b"after", 0o100644, 0, 0)).ino
+        await fs.write(small, 0, chunk)
+    assert_clean(img)
+
+
+@pytest.mark.timeout(60)
+async def test_maximum_height_and_efbig(tmp_path):
+    img = make_image(tmp_path / "fs.img", size_mib=64)
+    async with mounted(img) as fs:
+        ino = (await fs.create(fs.root_ino, b"huge", 0o100644, 0, 0)).ino
+        far = fs.geo.heightsize[fs.geo.max_height - 1] + 12345
+        await fs.write(ino, far, b"far away")
+        assert fs.inodes[ino].di.height == fs.geo.max_height
+        assert await fs.read(ino, far - 4, 12) == bytes(4) + b"far away"
+        with pytest.raises(FsError) as info:
+            await fs.write(ino, (1 << 63) - 2, b"xyz")
+        assert info.value.errno == errno.EFBIG
+        await fs.setattr(ino, SetAttr(size=10))
+        assert await fs.read(ino, 0, 100) == bytes(10)
+    assert_clean(img)
