@@ -109,7 +109,8 @@ def format_status(status: dict[str, Any]) -> str:
     lines = [
         f"{status['name']} wwid={status['wwid'] or '-'} size={_human(status['size'])} "
         f"block={status['block_size']}",
-        f"policy={status['policy']} failback={status['failback']} "
+        f"policy={status['policy']} selector={status['path_selector']} "
+        f"failback={status['failback']} "
         f"no_path_retry={status['no_path_retry']}"
         + (f" FENCED: {status['fenced']}" if status["fenced"] else ""),
     ]

@@ -1,12 +1,15 @@
-"""Writing the NBD replies of one connection: whole, in any order, from many tasks.
+"""Writing the NBD replies of one connection: whole, in any order, from any thread.
 
-Copying a 1 MiB READ payload into a loopback socket costs about a millisecond of CPU,
-and a syscall per 16-byte write acknowledgement costs more than the write itself; done
-on the trio thread, either caps the whole server.  On plain TCP each connection
-therefore gets one writer thread: tasks queue complete replies (never blocking the
-trio thread), and the thread writes whatever has queued up with one writev.  The queue
-is bounded in bytes, so a client that stops reading stalls only its own requests.
-TLS streams are not thread-safe, so those replies go through trio.
+Requests finish in worker threads, which hand their reply here with `deliver`; it
+never blocks.  On plain TCP one writer thread per connection writes whatever has
+queued up with a single writev: copying a 1 MiB READ payload into a loopback socket
+costs about a millisecond of CPU, and a syscall per 16-byte write acknowledgement costs
+more than the write itself, so neither may happen on the trio thread.  TLS streams are
+not thread-safe, so TLS replies are sent by trio tasks instead.
+
+The queue needs no bound of its own: the session admits at most MAX_IN_FLIGHT
+requests until their replies are written, so a client that stops reading only stalls
+itself.  Every delivered reply's `done` callback runs exactly once, written or not.
 """
 
 from __future__ import annotations
@@ -23,83 +26,90 @@ import trio
 
 log = logging.getLogger(__name__)
 
-Done = Callable[[], None] | None  # called once the reply's payload buffer is free again
-_HIGH_WATER = 64 * 1024 * 1024  # queued reply bytes at which senders wait
-_LOW_WATER = 16 * 1024 * 1024
+Done = Callable[[], None]
 _IOV_MAX = 512
 _POLL_MS = 200
 
 
-class WriterBroken(ConnectionError):
-    """The connection can take no more replies."""
-
-
 class ReplyWriter:
-    """Send replies over a trio stream (the portable path, used for TLS)."""
+    """TLS (or any trio stream): each reply is sent by a trio task, one at a time."""
 
     threaded = False
 
-    def __init__(self, stream: trio.abc.Stream) -> None:
+    def __init__(self, stream: trio.abc.Stream, on_broken: Callable[[str], None]) -> None:
         self._stream = stream
+        self._on_broken = on_broken
         self._lock = trio.Lock()
+        self._token = trio.lowlevel.current_trio_token()
+        self._nursery: trio.Nursery | None = None
+        self._broken = False
 
-    async def send(self, header: bytes, payload: bytes | memoryview = b"", done: Done = None):
+    def attach(self, nursery: trio.Nursery) -> None:
+        """The nursery that hosts the send tasks (the session's transmission)."""
+        self._nursery = nursery
+
+    def deliver(self, header: bytes, payload: bytes | memoryview, done: Done) -> None:
+        """Any thread: send this reply soon; `done` runs once it is sent or dropped."""
         try:
+            self._token.run_sync_soon(self._spawn, header, payload, done)
+        except trio.RunFinishedError:
+            done()
+
+    def _spawn(self, header: bytes, payload: bytes | memoryview, done: Done) -> None:
+        if self._broken or self._nursery is None:
+            done()
+            return
+        try:
+            self._nursery.start_soon(self._send, header, payload, done)
+        except RuntimeError:  # the session is over: nobody to send to
+            done()
+
+    async def _send(self, header: bytes, payload: bytes | memoryview, done: Done) -> None:
+        try:
+            if self._broken:
+                return
             async with self._lock:
                 await self._stream.send_all(header)
                 if payload:
                     await self._stream.send_all(payload)
         except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as e:
-            raise WriterBroken(str(e)) from e
+            if not self._broken:
+                self._broken = True
+                self._on_broken(str(e))
         finally:
-            if done is not None:
-                done()
+            done()
 
     def run(self) -> None:
-        """Nothing to do in a thread for this writer."""
+        """No thread needed for this writer."""
 
     def finish(self, *, abort: bool) -> None:
-        """No more replies will be queued."""
+        """No more replies will be delivered (sends already spawned still run)."""
+        if abort:
+            self._broken = True
 
 
 class ThreadedReplyWriter(ReplyWriter):
-    """Replies on a plain TCP socket, written by a dedicated thread (`run`)."""
+    """Plain TCP: a dedicated thread (`run`) writes queued replies in batches."""
 
     threaded = True
 
     def __init__(self, stream: trio.SocketStream, on_broken: Callable[[str], None]) -> None:
-        super().__init__(stream)
+        super().__init__(stream, on_broken)
         self._fd = stream.socket.fileno()
-        self._token = trio.lowlevel.current_trio_token()
-        self._on_broken = on_broken
         self._cond = threading.Condition()
         self._queue: collections.deque[tuple[bytes, bytes | memoryview, Done]] = collections.deque()
-        self._queued_bytes = 0
         self._closing = False
         self._aborted = False
-        self._broken: str | None = None
-        self._room: trio.Event | None = None  # set when a waiting sender may go on
-        self._want_room = False  # a sender waits for the queue to shrink
+        self._failure: str | None = None
 
-    async def send(self, header: bytes, payload: bytes | memoryview = b"", done: Done = None):
-        """Queue one reply; waits only while too many bytes are queued already."""
-        while True:
-            with self._cond:
-                broken = self._broken or ("connection closed" if self._closing else None)
-                if broken is None and self._queued_bytes <= _HIGH_WATER:
-                    self._queue.append((header, payload, done))
-                    self._queued_bytes += len(header) + len(payload)
-                    self._cond.notify()
-                    return
-                self._want_room = broken is None
-            if broken is not None:
-                if done is not None:
-                    done()
-                raise WriterBroken(broken)
-            # Created before yielding, so the writer's wake-up (run on this thread) sees it.
-            if self._room is None:
-                self._room = trio.Event()
-            await self._room.wait()
+    def deliver(self, header: bytes, payload: bytes | memoryview, done: Done) -> None:
+        with self._cond:
+            accepted = not self._closing and self._failure is None
+            if accepted:
+                self._queue.append((header, payload, done))
+                self._cond.notify()
+        if not accepted:
+            done()
 
     def finish(self, *, abort: bool) -> None:
         """Stop the thread: after writing what is queued, or at once when aborting."""
@@ -107,12 +117,9 @@ class ThreadedReplyWriter(ReplyWriter):
             self._closing = True
             self._aborted = self._aborted or abort
             self._cond.notify()
-        if abort:
-            self._wake_senders()
-
-    # --- the writer thread ------------------------------------------------------
 
     def run(self) -> None:
+        """The writer thread's loop."""
         poller = select.poll()
         poller.register(self._fd, select.POLLOUT)
         while True:
@@ -120,17 +127,20 @@ class ThreadedReplyWriter(ReplyWriter):
                 while not self._queue and not self._closing:
                     self._cond.wait()
                 if self._aborted or (self._closing and not self._queue):
-                    batch = list(self._queue)
+                    leftover = list(self._queue)
                     self._queue.clear()
-                    self._release(batch)
-                    return
-                batch = [self._queue.popleft() for _ in range(min(len(self._queue), _IOV_MAX))]
-            if self._broken is None:
+                    break
+                count = min(len(self._queue), _IOV_MAX)
+                batch = [self._queue.popleft() for _ in range(count)]
+            if self._failure is None:
                 try:
                     self._write(batch, poller)
                 except OSError as e:
                     self._fail(str(e) or type(e).__name__)
-            self._release(batch)
+            for _, _, done in batch:
+                done()
+        for _, _, done in leftover:
+            done()
 
     def _write(self, batch: list, poller: select.poll) -> None:
         parts = []
@@ -146,35 +156,11 @@ class ThreadedReplyWriter(ReplyWriter):
             except BlockingIOError:
                 poller.poll(_POLL_MS)
 
-    def _release(self, batch: list) -> None:
-        with self._cond:
-            for header, payload, _ in batch:
-                self._queued_bytes -= len(header) + len(payload)
-            wake = self._want_room and self._queued_bytes <= _LOW_WATER
-            if wake:
-                self._want_room = False
-        for _, _, done in batch:
-            if done is not None:
-                done()
-        if wake:
-            self._call_soon(self._wake_senders)
-
     def _fail(self, reason: str) -> None:
         with self._cond:
-            if self._broken is not None:
-                return
-            self._broken = reason
-        self._call_soon(self._on_broken, reason)
-        self._call_soon(self._wake_senders)
-
-    def _wake_senders(self) -> None:
-        if self._room is not None:
-            self._room.set()
-            self._room = None
-
-    def _call_soon(self, fn: Callable, *args: object) -> None:
-        with contextlib.suppress(trio.RunFinishedError):  # the server is gone anyway
-            self._token.run_sync_soon(fn, *args)
+            self._failure = reason
+        with contextlib.suppress(trio.RunFinishedError):
+            self._token.run_sync_soon(self._on_broken, reason)
 
 
 def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:
@@ -192,4 +178,4 @@ def _advance(parts: list[memoryview], sent: int) -> list[memoryview]:
 def reply_writer_for(stream: trio.abc.Stream, on_broken: Callable[[str], None]) -> ReplyWriter:
     if isinstance(stream, trio.SocketStream):
         return ThreadedReplyWriter(stream, on_broken)
-    return ReplyWriter(stream)
+    return ReplyWriter(stream, on_broken)

@@ -9,9 +9,11 @@ so the cluster manager escalates (power-fences this server).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import secrets
+import socket
 import ssl
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +28,7 @@ from gfspy.blockd.control_wire import (
     STATUS_OK,
 )
 from gfspy.blockd.fence_table import FenceTable, FenceTableError
+from gfspy.blockd.io_pool import IOPool
 from gfspy.blockd.session import Session
 from gfspy.nbd import wire
 from gfspy.nbd.server_proto import TLSMode
@@ -34,6 +37,9 @@ from gfspy.nbd.wire import TransmissionFlag
 log = logging.getLogger(__name__)
 
 DEFAULT_DRAIN_TIMEOUT = 30.0
+KEEPALIVE_IDLE = 30  # seconds of silence before probing the client
+KEEPALIVE_INTERVAL = 10
+KEEPALIVE_PROBES = 3
 IO_THREADS = 32
 MAX_PAYLOAD = wire.DEFAULT_MAX_PAYLOAD
 
@@ -79,6 +85,22 @@ class Export:
         return "; ".join(parts)
 
 
+def _tune_socket(stream: trio.SocketStream) -> None:
+    """No Nagle delay on replies; keepalive so a dead client's session goes away in
+    about a minute instead of the kernel's two hours (never an idle timeout: idle
+    sessions of live clients are healthy)."""
+    options = [
+        (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1),
+        (socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL),
+        (socket.IPPROTO_TCP, socket.TCP_KEEPCNT, KEEPALIVE_PROBES),
+    ]
+    for level, name, value in options:
+        with contextlib.suppress(OSError):
+            stream.setsockopt(level, name, value)
+
+
 class BlockServer:
     """Everything one gfspy-blockd process serves and knows."""
 
@@ -99,7 +121,7 @@ class BlockServer:
         self.drain_timeout = drain_timeout
         self.boot_id = secrets.token_hex(4)
         self.sessions: dict[str, Session] = {}
-        self.io_limiter = trio.CapacityLimiter(IO_THREADS)
+        self.io_pool = IOPool(IO_THREADS)
         self.shutting_down = False
         self.nbd_addresses: list[str] = []
         self._next_session = 0
@@ -135,11 +157,7 @@ class BlockServer:
             peer = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         except OSError:
             peer = "?"
-        try:
-            stream.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, True)
-            stream.setsockopt(trio.socket.SOL_SOCKET, trio.socket.SO_KEEPALIVE, True)
-        except OSError:
-            pass
+        _tune_socket(stream)
         log.info("session %s: connection from %s", session_id, peer)
         session = Session(self, stream, session_id, peer)
         try:
@@ -150,8 +168,10 @@ class BlockServer:
             )
 
     async def run_background(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Host tasks that outlive a control request (late closing of undrained sessions)."""
+        """The I/O threads, and tasks that outlive a control request (late closing of
+        undrained sessions)."""
         async with trio.open_nursery() as nursery:
+            await nursery.start(self.io_pool.run)
             self._background = nursery
             task_status.started()
             await trio.sleep_forever()

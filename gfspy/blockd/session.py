@@ -15,6 +15,7 @@ import logging
 import math
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -22,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gfspy.blockd.backend import BackendError, ReadBuffer, allocate_buffer, release_payload
-from gfspy.blockd.reply_writer import ReplyWriter, WriterBroken, reply_writer_for
+from gfspy.blockd.io_pool import SharedCounter
+from gfspy.blockd.reply_writer import ReplyWriter, reply_writer_for
 from gfspy.blockd.tls import common_name
 from gfspy.nbd import server_proto as sp
 from gfspy.nbd import wire
@@ -36,7 +38,8 @@ log = logging.getLogger(__name__)
 RECEIVE_SIZE = 1024 * 1024
 MAX_IN_FLIGHT = 64  # requests of one connection being executed at once
 HANDSHAKE_TIMEOUT = 60.0  # a client must finish option haggling within this
-_NO_LIMIT = trio.CapacityLimiter(math.inf)  # the server's io_limiter is taken beforehand
+FINISH_TIMEOUT = 30.0  # after DISC or EOF, how long outstanding replies may take
+_NO_LIMIT = trio.CapacityLimiter(math.inf)  # the writer thread lives as long as the session
 
 
 def peer_common_name(stream: trio.SSLStream) -> str | None:
@@ -59,16 +62,17 @@ class Session:
         self.tls_cn: str | None = None
         self.export: Export | None = None
         self.started = time.time()
-        self.fencing = False
-        self.dispatched = 0  # backend operations running in worker threads
-        self.queued = 0  # requests accepted but not yet dispatched or answered
+        self.fencing = False  # read by worker threads: set it, never clear it
         self.requests = 0
         self.bytes_read = 0
         self.bytes_written = 0
         self.closed = trio.Event()
-        self._drained = trio.Event()
+        # Backend operations submitted and not yet returned (what a fence drains), and
+        # requests admitted whose reply is not yet written (what bounds memory).
+        self._dispatched = SharedCounter()
+        self._in_flight = SharedCounter()
+        self._stats_lock = threading.Lock()
         self._cancel = trio.CancelScope()
-        self._slots = trio.Semaphore(MAX_IN_FLIGHT)
         self._refused_fenced = 0
         self._writer: ReplyWriter | None = None  # set when transmission starts
         self._rbuf: bytearray | None = None
@@ -81,10 +85,14 @@ class Session:
             self.fencing = True
             log.warning("session %s (node %s): fencing, no new I/O dispatched", self.id, self.node)
 
+    @property
+    def dispatched(self) -> int:
+        """Backend operations of this session not yet returned from the kernel."""
+        return self._dispatched.value
+
     async def wait_drained(self) -> None:
         """Return once no backend operation of this session is running."""
-        while self.dispatched:
-            await self._drained.wait()
+        await self._dispatched.wait_at_most(0)
 
     async def close(self) -> None:
         """Hard-disconnect and wait until the connection is fully torn down."""
@@ -106,7 +114,7 @@ class Session:
             "export": None if self.export is None else self.export.name,
             "fencing": self.fencing,
             "in_flight": self.dispatched,
-            "queued": self.queued,
+            "queued": self._in_flight.value - self.dispatched,  # waiting to run or be sent
             "requests": self.requests,
             "bytes_read": self.bytes_read,
             "bytes_written": self.bytes_written,
@@ -304,91 +312,118 @@ class Session:
 
     async def _transmission(self, conn: sp.ServerConnection) -> None:
         writer = self._writer = reply_writer_for(self.stream, self._writer_broke)
-        async with trio.open_nursery() as outer:
+        async with trio.open_nursery() as nursery:
+            writer.attach(nursery)
             if writer.threaded:
-                outer.start_soon(
+                nursery.start_soon(
                     functools.partial(trio.to_thread.run_sync, writer.run, limiter=_NO_LIMIT)
                 )
             try:
                 await self._serve_requests(conn)
+                # Answer what is still running (DISC: "finish outstanding requests").
+                with trio.move_on_after(FINISH_TIMEOUT):
+                    await self._in_flight.wait_at_most(0)
             except BaseException:
                 writer.finish(abort=True)
                 raise
             writer.finish(abort=False)  # the thread writes what is queued, then ends
 
     def _writer_broke(self, reason: str) -> None:
-        """The reply writer thread lost the connection: end the session."""
+        """The connection can take no more replies: end the session."""
         log.info("session %s from %s: cannot send replies: %s", self.id, self.peer, reason)
         self._cancel.cancel()
 
     async def _serve_requests(self, conn: sp.ServerConnection) -> None:
-        async with trio.open_nursery() as nursery:
-            while True:
-                event = conn.next_event()
-                if event is sp.NEED_DATA:
-                    if conn.state is sp.State.DONE or not await self._receive_or_eof(conn):
-                        break
-                    continue
-                if isinstance(event, sp.Command):
-                    self.requests += 1
-                    await self._slots.acquire()
-                    self.queued += 1
-                    nursery.start_soon(self._execute, event.request, event.payload)
-                elif isinstance(event, sp.CommandRejected):
-                    log.info(
-                        "session %s: request %d rejected with %s: %s",
-                        self.id,
-                        event.request.type,
-                        event.error.name,
-                        event.reason,
-                    )
-                    release_payload(event.payload)
-                    reply = wire.encode_simple_reply(event.error, event.request.cookie)
-                    if not await self._send_reply(reply):
-                        break
-                elif isinstance(event, sp.DisconnectRequested):
-                    log.info("session %s: client sent DISC", self.id)
-                    break
-                elif isinstance(event, sp.ProtocolError):
-                    log.warning("session %s: protocol error: %s", self.id, event.reason)
-                    break
-            # Falling out of the nursery waits for every request already started.
+        """Read and hand out requests until DISC, EOF or a protocol error."""
+        while True:
+            event = conn.next_event()
+            if event is sp.NEED_DATA:
+                if conn.state is sp.State.DONE or not await self._receive_or_eof(conn):
+                    return
+                continue
+            if isinstance(event, sp.Command):
+                self.requests += 1
+                await self._in_flight.wait_at_most(MAX_IN_FLIGHT - 1)
+                self._in_flight.add()
+                self._submit(event.request, event.payload)
+            elif isinstance(event, sp.CommandRejected):
+                log.info(
+                    "session %s: request %d rejected with %s: %s",
+                    self.id,
+                    event.request.type,
+                    event.error.name,
+                    event.reason,
+                )
+                release_payload(event.payload)
+                self._in_flight.add()
+                self._reply(event.request.cookie, event.error, None)
+            elif isinstance(event, sp.DisconnectRequested):
+                log.info("session %s: client sent DISC", self.id)
+                return
+            elif isinstance(event, sp.ProtocolError):
+                log.warning("session %s: protocol error: %s", self.id, event.reason)
+                return
 
-    async def _send_reply(self, header: bytes, data: ReadBuffer | None = None) -> bool:
-        """Send (or queue) one reply; False (logged) when the connection broke.
+    def _submit(self, req: wire.Request, payload: sp.Payload) -> None:
+        """Trio thread: refuse now, or count the operation and queue it for a worker."""
+        refusal = self._refusal()
+        if refusal:
+            release_payload(payload)
+            self._reply(req.cookie, refusal, None)
+            return
+        self._dispatched.add()  # before the job can possibly run
+        self.server.io_pool.submit(functools.partial(self._run_request, req, payload))
 
-        The writer owns `data` from here on and releases it once it is on the wire.
-        """
-        assert self._writer is not None
+    def _refusal(self) -> int:
+        """The error for a request that must not run, or 0."""
+        if self.fencing:
+            self._refused_fenced += 1
+            if self._refused_fenced == 1:
+                log.warning("session %s (node %s): refusing I/O with EPERM", self.id, self.node)
+            return NbdErrno.EPERM
+        if self.server.shutting_down:
+            return NbdErrno.ESHUTDOWN
+        return 0
+
+    def _run_request(self, req: wire.Request, payload: sp.Payload) -> None:
+        """Worker thread: run one request and queue its reply."""
+        error: int = 0
+        data: ReadBuffer | None = None
         try:
-            if data is None:
-                await self._writer.send(header)
+            # Checked again here: a fence that started while this job sat in the queue
+            # means it was never dispatched to the disk, so it must not run at all.
+            if self.fencing:
+                error = NbdErrno.EPERM
             else:
-                await self._writer.send(header, data.view, data.release)
-        except WriterBroken as e:
-            log.info("session %s from %s: cannot send reply: %s", self.id, self.peer, e)
-            return False
-        return True
-
-    async def _dispatch(
-        self, req: wire.Request, payload: sp.Payload
-    ) -> tuple[int, ReadBuffer | None]:
-        """Run the backend operation in a worker thread, counted for fencing's drain."""
-        operation = self._operation(req, payload)
-        self.dispatched += 1
-        self.queued -= 1
-        try:
-            # Not abandonable: the count drops only once the syscall has returned.
-            return 0, await trio.to_thread.run_sync(operation, limiter=_NO_LIMIT)
+                data = self._operation(req, payload)()
         except BackendError as e:
+            error = e.nbd_error
             log.error("session %s: %s -> %s", self.id, e.strerror, e.nbd_error.name)
-            return e.nbd_error, None
+        except Exception:
+            error = NbdErrno.EIO
+            log.exception("session %s: request %d failed unexpectedly", self.id, req.type)
         finally:
-            self.queued += 1
-            self.dispatched -= 1
-            if self.dispatched == 0:
-                self._drained.set()
-                self._drained = trio.Event()
+            self._dispatched.sub()  # the syscall has returned (or never started)
+            release_payload(payload)
+        if not error and req.type in (Cmd.READ, Cmd.WRITE):
+            with self._stats_lock:
+                if req.type == Cmd.READ:
+                    self.bytes_read += req.length
+                else:
+                    self.bytes_written += req.length
+        self._reply(req.cookie, error, data)
+
+    def _reply(self, cookie: int, error: int, data: ReadBuffer | None) -> None:
+        """Any thread: hand the reply to the writer; it releases `data` once sent."""
+        assert self._writer is not None
+        header = wire.encode_simple_reply(error, cookie)
+        done = functools.partial(self._replied, data)
+        self._writer.deliver(header, data.view if data is not None else b"", done)
+
+    def _replied(self, data: ReadBuffer | None) -> None:
+        if data is not None:
+            data.release()
+        self._in_flight.sub()
 
     def _operation(self, req: wire.Request, payload: sp.Payload) -> Callable[[], ReadBuffer | None]:
         assert self.export is not None
@@ -406,37 +441,3 @@ class Session:
             may_punch = not req.flags & CmdFlag.NO_HOLE
             return lambda: backend.write_zeroes(req.offset, req.length, may_punch, fua)
         raise AssertionError(f"validated command {req.type} has no operation")
-
-    async def _execute(self, req: wire.Request, payload: sp.Payload) -> None:
-        error: int = 0
-        data: ReadBuffer | None = None
-        try:
-            # Wait for a worker slot *before* deciding: a request still waiting here when
-            # a fence starts has not been dispatched, so it is refused, not run.
-            async with self.server.io_limiter:
-                if self.fencing:
-                    error = NbdErrno.EPERM
-                    self._refused_fenced += 1
-                    if self._refused_fenced == 1:
-                        log.warning(
-                            "session %s (node %s): refusing I/O with EPERM", self.id, self.node
-                        )
-                elif self.server.shutting_down:
-                    error = NbdErrno.ESHUTDOWN
-                else:
-                    error, data = await self._dispatch(req, payload)
-            if not error:
-                if req.type == Cmd.READ:
-                    self.bytes_read += req.length
-                elif req.type == Cmd.WRITE:
-                    self.bytes_written += req.length
-            reply = wire.encode_simple_reply(error, req.cookie)
-            data, owned = None, data
-            if not await self._send_reply(reply, owned):
-                self._cancel.cancel()  # the connection is gone: stop reading it too
-        finally:
-            release_payload(payload)
-            if data is not None:
-                data.release()
-            self.queued -= 1
-            self._slots.release()

@@ -1,7 +1,8 @@
 """One device over several NBD servers exporting the same LUN, with dm-multipath's rules.
 
 Paths are grouped (`failover`: one path per group, in URI order of priority; `multibus`:
-all paths in one group, round-robin with `rr_min_io`). A checker probes every path each
+all paths in one group; a path selector spreads requests over a group: round-robin with
+`rr_min_io`, queue-length or service-time). A checker probes every path each
 `polling_interval`, fails dead ones and reinstates live ones after re-checking their
 identity; failback is immediate, manual, or deferred by N seconds. With no usable path,
 requests queue for at most `no_path_retry` intervals, then fail with EIO.
@@ -59,6 +60,7 @@ from gfspy.nbd.wire import Cmd
 log = logging.getLogger(__name__)
 
 POLICIES = ("failover", "multibus")
+SELECTORS = ("round-robin", "queue-length", "service-time")
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,9 @@ class MultipathConfig:
     """The multipath knobs, named as in multipath.conf so cluster.toml can feed them."""
 
     policy: str = "failover"
+    #: How a group picks a path per request: "round-robin" (rr_min_io at a time),
+    #: "queue-length" (fewest requests in flight) or "service-time" (fewest bytes).
+    path_selector: str = "round-robin"
     #: Requests sent down one path before round-robin moves on (multibus).
     rr_min_io: int = 16
     #: Seconds between path checks.
@@ -87,6 +92,8 @@ class MultipathConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy must be one of {', '.join(POLICIES)}, not {self.policy!r}")
+        if self.path_selector not in SELECTORS:
+            raise ValueError(f"path_selector must be one of {', '.join(SELECTORS)}")
         if self.rr_min_io < 1:
             raise ValueError("rr_min_io must be at least 1")
         if self.polling_interval <= 0 or self.io_timeout <= 0:
@@ -291,6 +298,19 @@ class MultipathDevice(SubmittingDevice):
         if group is None:
             return None
         usable = [p for p in self.groups[group] if p.usable]
+        selector = self.config.path_selector
+        if selector != "round-robin" and len(usable) > 1:
+            # Least loaded path; the rotation breaks ties so idle paths share the work.
+            start = (
+                (usable.index(self._rr_path) + 1) % len(usable) if self._rr_path in usable else 0
+            )
+            rotated = usable[start:] + usable[:start]
+            if selector == "queue-length":
+                nxt = min(rotated, key=lambda p: p.conn.inflight)  # type: ignore[union-attr]
+            else:  # service-time: outstanding bytes (equal throughput assumed)
+                nxt = min(rotated, key=lambda p: p.conn.inflight_bytes)  # type: ignore[union-attr]
+            self._rr_path = nxt
+            return nxt
         if self._rr_path in usable and self._rr_count < self.config.rr_min_io:
             self._rr_count += 1
             return self._rr_path
@@ -441,6 +461,9 @@ class MultipathDevice(SubmittingDevice):
                 path.target.server,
             )
             trio.lowlevel.spawn_system_task(self._run_quiesce, quiesce, name="multipath quiesce")
+        if request.payload is not None and not isinstance(request.payload, bytes):
+            # Pin the data now: a caller that gives up must not change what is reissued.
+            request.payload = bytes(request.payload)
         quiesce.members[request.seq] = request
         return quiesce
 
@@ -609,6 +632,7 @@ class MultipathDevice(SubmittingDevice):
             "size": self.size,
             "block_size": self.block_size,
             "policy": self.config.policy,
+            "path_selector": self.config.path_selector,
             "failback": self.config.failback,
             "no_path_retry": self.config.no_path_retry,
             "fenced": self.fenced,

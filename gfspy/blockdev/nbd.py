@@ -117,8 +117,15 @@ class SubmittingDevice(Device):
     props: ExportProperties
 
     async def _submit(
-        self, command: Cmd, offset: int, length: int, *, flags: int = 0, payload=None
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        *,
+        flags: int = 0,
+        payload: bytes | bytearray | memoryview | None = None,
     ) -> bytes:
+        """Run one request (at most max_payload long) and return what it read."""
         raise NotImplementedError
 
     def can(self, flag: TransmissionFlag) -> bool:
@@ -171,8 +178,7 @@ class SubmittingDevice(Device):
         self.check_range(offset, length)
         if not self.can(TransmissionFlag.SEND_TRIM):
             return
-        for off, n in split_range(offset, length, self.props.max_payload):
-            await self._submit(Cmd.TRIM, off, n)
+        await self._submit_range(Cmd.TRIM, offset, length)
 
     async def write_zeroes(self, offset: int, length: int) -> None:
         self._check_writable()
@@ -180,8 +186,17 @@ class SubmittingDevice(Device):
         if not self.can(TransmissionFlag.SEND_WRITE_ZEROES):
             await super().write_zeroes(offset, length)
             return
-        for off, n in split_range(offset, length, self.props.max_payload):
-            await self._submit(Cmd.WRITE_ZEROES, off, n)
+        await self._submit_range(Cmd.WRITE_ZEROES, offset, length)
+
+    async def _submit_range(self, command: Cmd, offset: int, length: int) -> None:
+        """A payload-less command over a range, its pieces in flight together."""
+        chunks = split_range(offset, length, self.props.max_payload)
+        if len(chunks) == 1:
+            await self._submit(command, offset, length)
+            return
+        async with trio.open_nursery() as nursery:
+            for off, n in chunks:
+                nursery.start_soon(self._submit, command, off, n)
 
     def _check_writable(self) -> None:
         if self.readonly:
@@ -336,6 +351,10 @@ class NbdDevice(SubmittingDevice):
         length: int,
         kw: dict[str, object],
     ) -> bytes:
+        payload = kw.get("payload")
+        if payload is not None and not isinstance(payload, bytes):
+            # Pin the data now: a caller that gives up must not change what is reissued.
+            kw = {**kw, "payload": bytes(payload)}  # type: ignore[call-overload]
         self._resolving += 1
         try:
             how = await self._guarantee_for(old)

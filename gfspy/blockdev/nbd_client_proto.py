@@ -23,6 +23,8 @@ from gfspy.nbd.wire import Cmd, CmdFlag, InfoType, Opt, Rep, TransmissionFlag
 
 log = logging.getLogger(__name__)
 
+#: Payloads this large are sent as their own buffer rather than copied behind the header.
+SEPARATE_PAYLOAD = 64 * 1024
 #: Info items asked for in GO: block size limits, canonical name, description (WWID).
 INFO_REQUESTS = (InfoType.BLOCK_SIZE, InfoType.NAME, InfoType.DESCRIPTION)
 #: Default limits when the server gives no NBD_INFO_BLOCK_SIZE (proto.md defaults).
@@ -401,6 +403,36 @@ class ClientConnection:
         payload: bytes | bytearray | memoryview | None = None,
     ) -> tuple[int, bytes]:
         """Encode one request; return its cookie and the bytes to send (with payload)."""
+        cookie, header = self._register(command, offset, length, flags, payload)
+        if payload is None:
+            return cookie, header
+        return cookie, b"".join((header, payload))
+
+    def request_parts(
+        self,
+        command: Cmd,
+        offset: int = 0,
+        length: int = 0,
+        *,
+        flags: int = 0,
+        payload: bytes | bytearray | memoryview | None = None,
+    ) -> tuple[int, list[bytes | bytearray | memoryview]]:
+        """Like `request`, but a large payload stays its own buffer (no 1 MiB copy)."""
+        if payload is None or len(payload) < SEPARATE_PAYLOAD:
+            cookie, data = self.request(command, offset, length, flags=flags, payload=payload)
+            return cookie, [data]
+        cookie, header = self._register(command, offset, length, flags, payload)
+        return cookie, [header, payload]
+
+    def _register(
+        self,
+        command: Cmd,
+        offset: int,
+        length: int,
+        flags: int,
+        payload: bytes | bytearray | memoryview | None,
+    ) -> tuple[int, bytes]:
+        """Check, assign a cookie, remember what the reply will carry; return the header."""
         if self._state is not _State.TRANSMISSION:
             raise NbdProtocolError(f"cannot send a request in state {self._state.value}")
         nego = self._negotiated
@@ -418,11 +450,9 @@ class ClientConnection:
         header = wire.encode_request(wire.Request(flags, command, cookie, offset, length))
         if command == Cmd.DISC:
             self._state = _State.CLOSED
-            return cookie, header
-        self._inflight[cookie] = _Inflight(int(command), length)
-        if payload is None:
-            return cookie, header
-        return cookie, b"".join((header, payload))
+        else:
+            self._inflight[cookie] = _Inflight(int(command), length)
+        return cookie, header
 
     def _on_transmission(self) -> Event | _NeedData:
         if self._current is None:

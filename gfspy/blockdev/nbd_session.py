@@ -129,6 +129,7 @@ def default_identity(target: NbdTarget) -> ClientIdentity | None:
 @dataclass
 class _Waiter:
     command: int
+    length: int = 0
     sent: bool = False
     event: trio.Event = field(default_factory=trio.Event)
     reply: Reply | None = None
@@ -222,6 +223,11 @@ class NbdConnection:
     def inflight(self) -> int:
         return len(self._waiters)
 
+    @property
+    def inflight_bytes(self) -> int:
+        """Bytes of requests awaiting replies (for the service-time path selector)."""
+        return sum(w.length for w in self._waiters.values())
+
     # ---- requests -------------------------------------------------------------
 
     async def submit(
@@ -237,7 +243,7 @@ class NbdConnection:
         """Send one request and wait for its reply; the session fails on any timeout."""
         if self._failure is not None:
             raise _copy_failure(self._failure, sent=False)
-        waiter = _Waiter(int(command))
+        waiter = _Waiter(int(command), len(payload) if payload is not None else length)
         cookie = None
         sending = False
         try:
@@ -245,12 +251,13 @@ class NbdConnection:
                 async with self._send_lock:
                     if self._failure is not None:
                         raise _copy_failure(self._failure, sent=False)
-                    cookie, data = self._proto.request(
+                    cookie, parts = self._proto.request_parts(
                         command, offset, length, flags=flags, payload=payload
                     )
                     self._waiters[cookie] = waiter
                     waiter.sent = sending = True
-                    await self._stream.send_all(data)
+                    for part in parts:
+                        await self._stream.send_all(part)
                     sending = False
                 await waiter.event.wait()
         except trio.TooSlowError:

@@ -18,7 +18,7 @@ import trio
 
 from gfspy.cluster import admin_wire
 from gfspy.cluster.config import DEFAULT_DLM_PORT, ClusterConfig, split_host_port
-from gfspy.cluster.fencing import Fencer
+from gfspy.cluster.fencing import Fencer, SelfFenced
 from gfspy.cluster.heartbeat import (
     FailureDetector,
     HeartbeatSocket,
@@ -66,7 +66,9 @@ class NodeDaemon:
         self.membership = Membership(config, node_id, incarnation, self.quorum)
         self.detector = FailureDetector(node_id, config.timeouts.failure_timeout)
         self.journal = EventJournal(node_id)
-        self.fencer = Fencer(config, node_id, on_change=self._wake_fencing)
+        self.fencer = Fencer(
+            config, node_id, on_change=self._wake_fencing, my_incarnation=incarnation
+        )
         self.driver = RecoveryDriver(
             node_id, self.fencer, self.journal, self._local_quorate, self._quorum_event
         )
@@ -238,8 +240,18 @@ class NodeDaemon:
 
     async def _tick_loop(self) -> None:
         interval = min(0.1, self.config.timeouts.heartbeat_interval / 2)
+        last = trio.current_time()
         while True:
             now = trio.current_time()
+            stall = now - last - interval
+            last = now
+            if stall > self.config.timeouts.heartbeat_interval:
+                # Our own pauses look like dead peers to everyone else (reference §6.2):
+                # say so well before the failure timeout is reached.
+                log.warning(
+                    "node %d: event loop stalled for %.2fs (failure timeout %.1fs)",
+                    self.my_id, stall, self.config.timeouts.failure_timeout,
+                )  # fmt: skip
             for ev in self.detector.check(now):
                 if isinstance(ev, PeerLate):
                     log.warning(
@@ -272,7 +284,7 @@ class NodeDaemon:
             # Stopped by a change that never became a view (a flapping witness, a healed
             # partition with nobody removed): ask for a fresh view of the same members so
             # every lockspace recovers together, instead of staying stopped for ever.
-            self.membership.want_restart = (
+            self.membership.want_restart = bool(
                 self.membership.is_member and self.driver.needs_view and self._last_quorate
             )
             await self._apply(self.membership.tick(now))
@@ -391,6 +403,8 @@ class NodeDaemon:
     async def _fence_task(self, case: Any) -> None:
         try:
             await self.fencer.fence_until_done(case)
+        except SelfFenced as exc:
+            await self._apply([Expelled(str(exc))])
         finally:
             self._fence_tasks.discard((case.node_id, case.incarnation))
 

@@ -216,14 +216,23 @@ class ManualAcks:
         return when
 
 
+class SelfFenced(Exception):
+    """This node lost a fence race: a block server has banned its incarnation."""
+
+
 class Fencer:
     """Runs fences for this node (when it is the fence actor) and keeps the history."""
 
     def __init__(
-        self, config: ClusterConfig, my_id: int, on_change: Callable[[], None] | None = None
+        self,
+        config: ClusterConfig,
+        my_id: int,
+        on_change: Callable[[], None] | None = None,
+        my_incarnation: int | None = None,
     ) -> None:
         self.config = config
         self.my_id = my_id
+        self.my_incarnation = my_incarnation
         self.cases: dict[tuple[int, int], FenceCase] = {}
         self.history: list[FenceRecord] = []
         self.manual_acks = ManualAcks()
@@ -348,6 +357,31 @@ class Fencer:
 
     # ----- running fences ------------------------------------------------------------
 
+    async def self_fenced_at_storage(self) -> bool:
+        """Does any block server ban this node's current incarnation?"""
+        if not self.config.storage or self.my_incarnation is None:
+            return False
+        try:
+            client = _control_client()
+        except ImportError:
+            return False
+        name, inc = self.config.node(self.my_id).name, f"{self.my_incarnation:x}"
+        for server in self.config.storage:
+            try:
+                reply = await client.server_status(server.control, timeout=5.0)
+            except Exception as exc:  # unreachable: it cannot tell us we lost
+                log.info("node %d: cannot ask %s about our own fence: %s", self.my_id,
+                         server.name, exc)  # fmt: skip
+                continue
+            entry = reply.get("fence_table", {}).get(name)
+            if (
+                entry
+                and entry.get("admitted") != inc
+                and (entry.get("fenced_all") or inc in entry.get("banned", []))
+            ):
+                return True
+        return False
+
     async def attempt(self, case: FenceCase, method: FenceMethod) -> FenceRecord:
         node = self.config.node(case.node_id)
         timeout = method.timeout or self.config.timeouts.fence_timeout
@@ -419,6 +453,10 @@ class Fencer:
                 case.node_id,
             )
             await trio.sleep(t.fence_delay)
+            # The other side may have won the race meanwhile; then we are the one cut off
+            # and must not fence back (two fenced nodes = no cluster at all).
+            if await self.self_fenced_at_storage():
+                raise SelfFenced(f"node {self.my_id} was fenced at the storage first")
         rounds = 0
         while not case.done:
             rounds += 1

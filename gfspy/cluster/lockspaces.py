@@ -60,10 +60,12 @@ class ClusterLockspace:
     async def stop(self) -> None:
         await self.dlm.stop()
 
-    async def start(self, view: View) -> None:
-        if not await self.dlm.start(view):
-            # A newer stop() arrived; the driver will run the next pass.
+    async def start(self, view: View) -> bool:
+        completed = await self.dlm.start(view)
+        if not completed:
+            # A newer stop() arrived; the driver runs the next pass.
             log.info("lockspace %s: recovery of view %d superseded", self.name, view.epoch)
+        return completed
 
     # ----- admin operations ----------------------------------------------------------
 

@@ -143,6 +143,7 @@ class Membership:
         #: and can only restart through a new view, although the membership is the same.
         self.want_restart = False
         self.peer_restart: dict[int, bool] = {}
+        self.peer_unheard: dict[int, frozenset[int]] = {}
         self._in_flight: _InFlight | None = None
         self._change_announced = False
 
@@ -197,6 +198,13 @@ class Membership:
             "members": [[m.node_id, m.incarnation] for m in self.view.members],
             "acked": self.highest_acked,
             "restart": self.want_restart,
+            # Members of our view we no longer hear: lets the coordinator resolve links that
+            # fail in one place only (it hears both ends, they do not hear each other).
+            "unheard": [
+                m.node_id
+                for m in self.view.members
+                if m.node_id != self.my_id and self.alive.get(m.node_id) != m.incarnation
+            ],
         }
 
     # ----- inputs --------------------------------------------------------------------
@@ -211,6 +219,7 @@ class Membership:
             del self.alive[node_id]
             self.peer_epoch.pop(node_id, None)
             self.peer_members.pop(node_id, None)
+            self.peer_unheard.pop(node_id, None)
         member = self.view.member(node_id)
         if self.is_member and member is not None and member.incarnation == incarnation:
             return self._announce_change(f"node {node_id} {why}")
@@ -230,6 +239,10 @@ class Membership:
         me = (self.my_id, self.incarnation)
         self.peer_members[sender] = members
         self.peer_restart[sender] = bool(gossip.get("restart", False))
+        try:
+            self.peer_unheard[sender] = frozenset(int(n) for n in gossip.get("unheard", ()))
+        except (TypeError, ValueError):
+            self.peer_unheard[sender] = frozenset()
         ours = self.accepted.get(epoch)
         if ours is not None and ours.members == members:
             log.info("node %d: view %d completed from node %d's gossip", self.my_id, epoch, sender)
@@ -334,6 +347,21 @@ class Membership:
         removed = set(self.removed_history)
         if self.is_member:
             keep = {(m.node_id, m.incarnation) for m in self.live_members()}
+            # Two members that cannot hear each other cannot both stay: the higher id goes
+            # (never the coordinator, which is the lowest id and hears everyone it keeps).
+            for reporter in sorted(self.peer_unheard):
+                ids = {n for n, _ in keep}
+                if reporter not in ids:
+                    continue
+                for lost in sorted(self.peer_unheard[reporter] & ids):
+                    drop = max(reporter, lost)
+                    log.debug(
+                        "node %d: node %d cannot hear node %d; dropping node %d",
+                        self.my_id, reporter, lost, drop,
+                    )  # fmt: skip
+                    keep = {(n, i) for n, i in keep if n != drop}
+                    if drop == reporter:
+                        break
         else:
             keep = {(self.my_id, self.incarnation)}
         # A restarted node's new incarnation may join in the same view that removes its

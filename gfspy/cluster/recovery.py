@@ -34,8 +34,10 @@ class Lockspace(Protocol):
     async def stop(self) -> None:
         """A membership change began: queue new lock calls, stop granting."""
 
-    async def start(self, view: View) -> None:
-        """Run DLM recovery for `view` (quorate, every removed node fenced), then resume."""
+    async def start(self, view: View) -> bool | None:
+        """Run DLM recovery for `view` (quorate, every removed node fenced), then resume.
+
+        Returns False when a stop() during recovery aborted it."""
 
 
 @dataclass(frozen=True)
@@ -132,6 +134,10 @@ class RecoveryDriver:
         self._nursery.start_soon(self._pass, scope, view, epoch)
 
     async def _pass(self, scope: trio.CancelScope, view: View | None, epoch: int) -> None:
+        # Stop first, without waiting for the previous pass: if that one is inside a DLM
+        # start(), this stop() is what makes the DLM abandon it (a start() is never
+        # cancelled from outside; the DLM aborts it at its next step and returns False).
+        await self._stop_all(epoch)
         async with self._pass_lock:  # the previous pass has fully unwound
             with scope:
                 await self._stop_all(epoch)
@@ -157,13 +163,17 @@ class RecoveryDriver:
         self.journal.add(
             "view_agreed", epoch, f"members {list(view.member_ids)} removed {sorted(view.removed)}"
         )
+        reported = ""
         while True:
             quorate, why = self._is_quorate()
             if quorate:
                 break
             changed = self._quorum_changed()
             self.waiting_for = f"quorum ({why})"
-            log.warning("node %d: view %d: recovery waits for quorum: %s", self.my_id, epoch, why)
+            if why != reported:
+                reported = why
+                log.warning("node %d: view %d: recovery waits for quorum: %s", self.my_id, epoch,
+                            why)  # fmt: skip
             await changed.wait()
         self.journal.add("quorum_ok", epoch)
         pending = self.fencer.outstanding()
@@ -181,12 +191,18 @@ class RecoveryDriver:
                     "fence_confirmed", epoch, f"node {n} incarnation {i:#x} {case.confirmed_by}"
                 )
         self.journal.add("fencing_done", epoch)
+        # From here the lockspaces count as started: a newer change must stop() them.
+        self._lockspaces_stopped = False
         for ls in self.lockspaces:
             self.waiting_for = f"DLM recovery of lockspace {ls.name}"
             self.journal.add("ls_start", epoch, ls.name)
-            await ls.start(view)
+            with trio.CancelScope(shield=True):
+                completed = await ls.start(view)
+            if completed is False:
+                self.journal.add("ls_start_aborted", epoch, ls.name)
+                return  # a newer change stopped it; its own pass takes over
             self.journal.add("ls_started", epoch, ls.name)
-        self._lockspaces_stopped = False
+            await trio.lowlevel.checkpoint()  # a newer pass cancelled us: do not resume
         self.running = True
         self.started_epoch = epoch
         self.waiting_for = ""

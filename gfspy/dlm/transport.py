@@ -47,6 +47,7 @@ RECONNECT_MIN = 0.05
 RECONNECT_MAX = 1.0
 HELLO_TIMEOUT = 5.0
 READ_SIZE = 256 * 1024
+MAX_UNACKED = 1_000_000
 
 
 LINK_ERRORS = (
@@ -103,6 +104,7 @@ class _Outgoing:
         self.sock: socket.socket | None = None
         self.writing = False  # the sender task is inside send_all
         self.partial = b""  # tail of a frame `send` could only write in part
+        self.overflowed = False
 
 
 class Transport:
@@ -122,7 +124,14 @@ class Transport:
         self._nursery: trio.Nursery | None = None
         self._listeners: list[trio.SocketListener] = []
         self._scope = trio.CancelScope()
+        self._closed = False
         self.dropped = 0  # messages dropped as invalid, for tests and status
+        #: A peer that acknowledges nothing while this many messages pile up is treated
+        #: as failed: `on_overflow(node_id)` is called once (the cluster layer should
+        #: remove it). Messages are never dropped: that would break exactly-once.
+        self.max_unacked = MAX_UNACKED
+        self.hello_timeout = HELLO_TIMEOUT
+        self.on_overflow: Callable[[int], None] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -149,6 +158,7 @@ class Transport:
     async def aclose(self) -> None:
         """Stop everything: listener, links, queues (a crashed node looks like this)."""
         self._scope.cancel()
+        self._closed = True  # tasks not yet reached by the cancel must deliver nothing
         for listener in self._listeners:
             await listener.aclose()
         self._out.clear()
@@ -202,11 +212,18 @@ class Transport:
         """Queue one message for `node_id`; never blocks. Unknown peers are an error."""
         out = self._out.get(node_id)
         if out is None:
-            log.warning("node %d: no link to node %d, message dropped", self.node_id, node_id)
+            if not self._closed:
+                log.warning("node %d: no link to node %d, message dropped", self.node_id, node_id)
             return
         seq = out.next_seq
         out.next_seq += 1
         out.unacked.append((seq, payload))
+        if len(out.unacked) > self.max_unacked and not out.overflowed:
+            out.overflowed = True
+            log.error("node %d: node %d has %d unacknowledged messages; reporting it failed",
+                      self.node_id, node_id, len(out.unacked))  # fmt: skip
+            if self.on_overflow is not None:
+                self.on_overflow(node_id)
         sock = out.sock
         if sock is not None and not out.writing and not out.partial and out.sent_upto == seq - 1:
             frame = encode_data_frame(seq, payload)
@@ -258,13 +275,10 @@ class Transport:
                 try:
                     async with stream:
                         await self._run_link(out, stream)
-                except (
-                    OSError,
-                    trio.BrokenResourceError,
-                    trio.ClosedResourceError,
-                    MessageError,
-                ) as exc:
-                    log.info("node %d: link to node %d lost: %s", self.node_id, out.node_id, exc)
+                except LINK_ERRORS as exc:
+                    log.info("node %d: link to node %d lost: %r", self.node_id, out.node_id, exc)
+                if out.connected:
+                    delay = RECONNECT_MIN  # it worked for a while: retry promptly
                 out.connected = False
                 await trio.sleep(delay)
                 delay = min(delay * 2, RECONNECT_MAX)
@@ -274,7 +288,7 @@ class Transport:
             encode_frame(FrameType.HELLO, self.node_id, self.incarnation, out.node_id)
         )
         decoder = FrameDecoder()
-        with trio.fail_after(HELLO_TIMEOUT):
+        with trio.fail_after(self.hello_timeout):
             frames: list = []
             while not frames:
                 data = await stream.receive_some(4096)
@@ -385,7 +399,7 @@ class Transport:
     async def _receive_link(self, stream: trio.SocketStream) -> str:
         decoder = FrameDecoder()
         frames: list = []
-        with trio.fail_after(HELLO_TIMEOUT):
+        with trio.fail_after(self.hello_timeout):
             while not frames:
                 data = await stream.receive_some(4096)
                 if not data:
@@ -449,6 +463,8 @@ class Transport:
                 frames = decoder.feed(data)
 
     def _deliver(self, peer_id: int, peer_inc: int, payload: object) -> None:
+        if self._closed:
+            return
         try:
             msg = message_from_value(payload)
         except MessageError as exc:

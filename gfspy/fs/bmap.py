@@ -8,6 +8,7 @@ mapping a megabyte costs a few slices, not a loop per block over the tree.
 
 from __future__ import annotations
 
+import errno
 import logging
 import struct
 
@@ -15,6 +16,7 @@ from gfspy.fs.alloc import Allocator
 from gfspy.fs.buffers import BufferCache
 from gfspy.fs.inode import Inode
 from gfspy.fs.txn import FsTxn
+from gfspy.fs.types import FsError
 from gfspy.ondisk.constants import DINODE_SIZE, META_HEADER_SIZE, METATYPE_IN, Geometry
 from gfspy.ondisk.errors import FormatError
 from gfspy.ondisk.indirect import pack_indirect_block, pack_pointers, unpack_pointers
@@ -41,7 +43,7 @@ class BlockMap:
         while self.capacity(height) < nblocks:
             height += 1
         if height > self.geo.max_height:
-            raise OSError(27, "file too large")  # EFBIG
+            raise FsError(errno.EFBIG)
         return height
 
     def _check_ptr(self, ptr: int, where: int) -> None:
@@ -177,7 +179,7 @@ class BlockMap:
         if ip.di.height == 0:
             raise ValueError("unstuff before growing the tree")
         if height > self.geo.max_height:
-            raise OSError(27, "file too large")
+            raise FsError(errno.EFBIG)
         buf = await self.cache.read(ip.addr)
         area = slice(DINODE_SIZE, DINODE_SIZE + 8 * self.geo.diptrs)
         while ip.di.height < height:

@@ -154,16 +154,18 @@ class Directories:
         except FormatError as e:
             raise FormatError(f"directory {ip.addr}: leaf {blkno}: {e}") from None
 
-    async def _chain(self, ip: Inode, first: int) -> AsyncIterator[tuple[int, bytearray, Leaf]]:
+    async def _chain(self, ip: Inode, first: int) -> list[tuple[int, bytearray, Leaf]]:
+        """The leaves of one chain, head first (a list, not an async generator: an
+        abandoned async generator costs trio a finalizer task)."""
+        out = []
         blkno = first
-        seen = 0
         while blkno:
-            seen += 1
-            if seen > 1 << 16:
+            if len(out) > 1 << 16:
                 raise FormatError(f"directory {ip.addr}: leaf chain loops")
             buf, leaf = await self._leaf(blkno, ip)
-            yield blkno, buf, leaf
+            out.append((blkno, buf, leaf))
             blkno = leaf.next
+        return out
 
     async def leaf_chains(self, ip: Inode) -> list[tuple[int, int]]:
         """(first slot, leaf block) for each distinct leaf run of the table."""
@@ -240,7 +242,7 @@ class Directories:
             return Found(Dirent.unpack(buf, off), ip.addr, DINODE_SIZE, off)
         table = await self.table(ip)
         first = table[hash_index(dhash, ip.di.depth)]
-        async for blkno, buf, _leaf in self._chain(ip, first):
+        for blkno, buf, _leaf in await self._chain(ip, first):
             off = self._scan(buf, LEAF_HEADER_SIZE, name, dhash)
             if off is not None:
                 return Found(Dirent.unpack(buf, off), blkno, LEAF_HEADER_SIZE, off)
@@ -264,7 +266,7 @@ class Directories:
             last_blk = 0
             chain_len = 0
             head_depth = None
-            async for blkno, buf, leaf in self._chain(ip, table[index]):
+            for blkno, buf, leaf in await self._chain(ip, table[index]):
                 if head_depth is None:
                     head_depth = leaf.depth
                 chain_len += 1
@@ -399,7 +401,7 @@ class Directories:
                 yield d
             return
         for _, first in await self.leaf_chains(ip):
-            async for _, buf, _leaf in self._chain(ip, first):
+            for _, buf, _leaf in await self._chain(ip, first):
                 for _, d in live_dirents(buf, LEAF_HEADER_SIZE, self.bsize):
                     yield d
 
@@ -418,7 +420,7 @@ class Directories:
             _buf, head = await self._leaf(first, ip)
             run = 1 << (depth - head.depth)
             batch = []
-            async for _, buf, _leaf in self._chain(ip, first):
+            for _, buf, _leaf in await self._chain(ip, first):
                 batch.extend(d for _, d in live_dirents(buf, LEAF_HEADER_SIZE, self.bsize))
             self._ordered(batch, cookie, limit, out)
             index = (index & ~(run - 1)) + run
@@ -447,7 +449,7 @@ class Directories:
             return
         leaves: list[int] = []
         for _, first in await self.leaf_chains(ip):
-            async for blkno, _buf, _leaf in self._chain(ip, first):
+            for blkno, _buf, _leaf in await self._chain(ip, first):
                 leaves.append(blkno)
         await self.alloc.free(txn, leaves)
         txn.revoke.update(leaves)

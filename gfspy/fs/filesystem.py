@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager
 import trio
 
 from gfspy.blockdev.device import Device, DeviceError
-from gfspy.fs.alloc import Allocator, NoSpace
+from gfspy.fs.alloc import Allocator
 from gfspy.fs.bmap import BlockMap
 from gfspy.fs.buffers import BufferCache
 from gfspy.fs.dirs import Directories
@@ -202,21 +202,27 @@ class FileSystem(NamespaceOps):
         async with self._lock:
             self._check_alive(write)
             txn = FsTxn()
+            # A change interrupted half way would leave the cached metadata
+            # inconsistent, so a modifying operation is not cancellable.
             try:
-                yield txn
-                if txn:
-                    await self._commit(txn)
-            except FsError:
-                if txn:
-                    await self._commit(txn)
-                raise
-            except (FormatError, NoSpace, JournalError, DeviceError, ValueError) as e:
-                raise self._withdraw(f"{type(e).__name__}: {e}") from e
+                with trio.CancelScope(shield=write):
+                    try:
+                        yield txn
+                        if txn:
+                            await self._commit(txn)
+                        if write and time.monotonic() - self._last_flush >= self.commit_interval:
+                            await self._flush()
+                    except FsWithdrawn:
+                        raise
+                    except FsError:
+                        if txn:
+                            await self._commit(txn)
+                        raise
+                    except Exception as e:  # noqa: BLE001 - anything else is a withdraw
+                        raise self._withdraw(f"{type(e).__name__}: {e}") from e
             finally:
                 for holder in txn.holders:
                     holder.glock.release(holder)
-            if write and time.monotonic() - self._last_flush >= self.commit_interval:
-                await self._flush()
 
     async def _commit(self, txn: FsTxn) -> None:
         assert self.journal is not None
@@ -439,10 +445,9 @@ class FileSystem(NamespaceOps):
     # ============================================================ queries
 
     async def sync(self) -> None:
+        self._check_alive(False)
         if self.readonly:
             return
-        async with self._op() as txn:
-            del txn
         async with self._lock:
             await self._sync_locked()
 

@@ -19,13 +19,9 @@ from gfspy.fsck.inodes import pass1
 from gfspy.fsck.journals import check_journals
 from gfspy.fsck.links import pass4
 from gfspy.fsck.report import Report
+from gfspy.fsck.statfs import check_statfs
 from gfspy.fsck.superblock_rgrps import load_rgrps, load_superblock
-from gfspy.fsck.system import (
-    check_quota_change_blocks,
-    check_statfs,
-    check_system,
-    name_system_inodes,
-)
+from gfspy.fsck.system import check_quota_change_blocks, check_system, name_system_inodes
 
 log = logging.getLogger(__name__)
 

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING,
         format=f"{PROG}: %(message)s",
     )
-    report = Report(verbose=args.verbose, quiet=args.quiet)
+    report = Report(verbose=args.verbose)
     try:
         status = trio.run(_run, args.device, report)
     except OperationalError as e:

@@ -27,8 +27,5 @@ def pass4(fsck: Fsck, refs: dict[int, int]) -> None:
             )
             continue
         if ino.dinode.nlink != found:
-            report.problem(
-                "nlink",
-                ino.label,
-                f"link count is {ino.dinode.nlink} but {found} directory entries name it",
-            )
+            names = "1 directory entry names" if found == 1 else f"{found} directory entries name"
+            report.problem("nlink", ino.label, f"link count is {ino.dinode.nlink} but {names} it")

@@ -35,7 +35,6 @@ class Report:
 
     out: TextIO = field(default_factory=lambda: sys.stdout)
     verbose: bool = False
-    quiet: bool = False
     kind_limit: int = DEFAULT_KIND_LIMIT
     problems: list[Problem] = field(default_factory=list)
     counts: dict[str, int] = field(default_factory=dict)

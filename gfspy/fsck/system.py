@@ -1,5 +1,4 @@
-"""The metadata filesystem: master's required files, jindex, per_node and the master
-statfs totals.
+"""The metadata filesystem: master's required files, jindex and per_node.
 
 The kernel needs jindex's journals numbered 0..N-1 with no gap and a statfs_change and
 quota_change per journal; fsck.gfs2 also wants inum and inum_range files and derives
@@ -14,17 +13,14 @@ import stat
 
 from gfspy.fsck.context import Fsck, Inode
 from gfspy.fsck.superblock_rgrps import quick_listing
-from gfspy.fsck.trees import read_data
 from gfspy.ondisk.constants import (
     DIF_SYSTEM,
-    DINODE_SIZE,
     INUM_RANGE_SIZE,
     METATYPE_QC,
     QUOTA_ENTRY_SIZE,
     STATFS_CHANGE_SIZE,
 )
 from gfspy.ondisk.meta import peek_type, type_name
-from gfspy.ondisk.statfs import StatfsChange
 
 log = logging.getLogger(__name__)
 
@@ -213,41 +209,4 @@ async def check_quota_change_blocks(fsck: Fsck) -> None:
                 "per_node",
                 ino.label,
                 f"{len(bad)} quota_change block(s) lack a QC header, first {bad[0]} ({found})",
-            )
-
-
-async def check_statfs(fsck: Fsck) -> None:
-    """Master statfs totals against the sums over the rgrps' bitmaps."""
-    addr = fsck.system.get("statfs")
-    ino = fsck.inodes.get(addr) if addr is not None else None
-    if ino is None or ino.dinode.size < STATFS_CHANGE_SIZE:
-        return
-    if ino.dinode.height == 0:
-        raw = ino.block[DINODE_SIZE : DINODE_SIZE + STATFS_CHANGE_SIZE]
-    else:
-        raw = await read_data(fsck, ino.data_runs, STATFS_CHANGE_SIZE)
-    if len(raw) < STATFS_CHANGE_SIZE:
-        fsck.report.problem(
-            "statfs", ino.label, f"holds {len(raw)} of its {STATFS_CHANGE_SIZE} bytes"
-        )
-        return
-    have = StatfsChange.unpack(raw)
-    total = free = dinodes = 0
-    for rg in fsck.rgrps:
-        total += rg.entry.data
-        if rg.header is None:
-            return  # counts unknown; the rgrp fault is already reported
-        f, _, _, d = rg.counts
-        free += f
-        dinodes += d
-    for what, on_disk, real in (
-        ("total", have.total, total),
-        ("free", have.free, free),
-        ("dinodes", have.dinodes, dinodes),
-    ):
-        if on_disk != real:
-            fsck.report.problem(
-                "statfs",
-                ino.label,
-                f"statfs {what} is {on_disk} but the resource groups have {real}",
             )

@@ -9,6 +9,7 @@ Modules, one concern each:
                sync_blocks for glock demotion, clean unmount
   replay       the GFS2 replay algorithm, shared by mount, gfspy-fsck and recovery
   reset        rewrite a journal as an empty clean log
+  status       read-only facts per journal (head, tail, clean, live blocks) for admin
   scan         head finding (owned by the fsck work; used here)
 
 Typical use (mount): `journal = await open_journal(device, jid, replay_if_dirty=True)`,

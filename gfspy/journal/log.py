@@ -1,8 +1,10 @@
 """The log writer for one journal, with its active items list (AIL).
 
-Life of a block: `commit` writes its copy to the log, flushes, writes ONE log header
-and flushes again; only then is the block "in the AIL" and may be written in place
-(`write_back`, or `checkpoint` for everything). Once written in place and flushed it
+Life of a block: `commit` (or `add`, then `flush`, so that many operations share one
+log write) writes its copy to the log, flushes, writes ONE log header and flushes
+again; only then is the block "in the AIL" and may be written in place (`write_back`,
+`checkpoint`, the log daemon, or a commit when the AIL grows past its memory bound,
+which writes the oldest transactions back). Once written in place and flushed it
 leaves the AIL, and the tail (the oldest transaction with blocks still only in the
 log) moves forward; the next header records that tail, and log space behind it can be
 reused. Replay of a crash therefore always finds, between tail and head, every
@@ -15,7 +17,7 @@ ordering logic.
 Contract with callers (the filesystem and glock layers):
 * never write a journaled block in place yourself; let the journal do it;
 * a block freed in transaction T (via `Transaction.revoke`) may be reused for
-  unjournaled data only after `commit(T)` returned;
+  unjournaled data only after the commit (or flush) that wrote T returned;
 * on glock demotion call `sync_blocks` for the lock's blocks: it writes them back and
   revokes their copies still in the live part of the log, so that replaying this
   journal later can never overwrite what another node writes next.
@@ -89,6 +91,7 @@ class Journal:
         statfs_addr: int = 0,
         quota_addr: int = 0,
         statfs_local: tuple[int, int, int] = (0, 0, 0),
+        max_ail_blocks: int = 16384,
     ) -> None:
         """Prefer `Journal.open`; this constructor trusts `head_position` to be the
         log position of the newest header, which must be a clean (UNMOUNT) one."""
@@ -100,13 +103,17 @@ class Journal:
         self.quota_addr = quota_addr
         #: Running statfs change not yet folded into the master statfs (lh_local_*).
         self.statfs_local = list(statfs_local)
+        #: Most committed-but-not-written-back blocks kept in memory (64 MiB at 4 KiB);
+        #: past it a commit writes the oldest transactions back in place.
+        self.max_ail_blocks = max_ail_blocks
         self._size = extents.blocks
         self._next_sequence = next_sequence
         self._last_header = head_position
         self._head = head_position + 1  # where the next log block goes
         self._disk_tail = head_position  # tail recorded by the newest header
         self._ail: dict[int, _AilItem] = {}
-        self._txn_items: dict[int, int] = {}  # txn start -> AIL items (ascending keys)
+        # txn start -> its blocks still in the AIL; keys ascend, so the first is the tail
+        self._txn_blocks: dict[int, set[int]] = {}
         self._logged_at: dict[int, int] = {}  # block -> position of its newest copy
         self._lock = trio.Lock()
         self._running = Transaction(self.bsize)  # merged by add(), written by flush()
@@ -198,7 +205,7 @@ class Journal:
     def _tail(self, header_position: int) -> int:
         """Tail for a header written at `header_position`: the oldest transaction
         still in the AIL, or the header itself when nothing needs replaying."""
-        for start in self._txn_items:
+        for start in self._txn_blocks:
             return start
         return header_position
 
@@ -294,11 +301,10 @@ class Journal:
         item = self._ail.pop(blkno, None)
         if item is None:
             return
-        left = self._txn_items[item.txn_start] - 1
-        if left:
-            self._txn_items[item.txn_start] = left
-        else:
-            del self._txn_items[item.txn_start]
+        members = self._txn_blocks[item.txn_start]
+        members.discard(blkno)
+        if not members:
+            del self._txn_blocks[item.txn_start]
 
     async def _guarded(self, work: Awaitable[None]) -> None:
         """Run one write sequence to its end, shielded from cancellation (an
@@ -433,12 +439,14 @@ class Journal:
                 image = txn.jdata[blkno]
             self._drop_from_ail(blkno)
             self._ail[blkno] = _AilItem(image, start)
-            self._txn_items[start] = self._txn_items.get(start, 0) + 1
+            self._txn_blocks.setdefault(start, set()).add(blkno)
             self._logged_at[blkno] = start + index
         for i, delta in enumerate(txn.statfs_delta):
             self.statfs_local[i] += delta
         await self._write_header(flags)
         self.commits += 1
+        if len(self._ail) > self.max_ail_blocks:
+            await self._write_back_oldest_locked(len(self._ail) - self.max_ail_blocks // 2)
         log.debug(
             "%s: committed sequence %d: %d metadata, %d jdata, %d revokes in %d blocks",
             self.name,
@@ -475,6 +483,16 @@ class Journal:
         for blkno in wanted:
             self._drop_from_ail(blkno)
         return len(wanted)
+
+    async def _write_back_oldest_locked(self, count: int) -> None:
+        """Write back whole transactions, oldest first, until `count` blocks left the
+        AIL: bounds the memory the AIL pins and moves the tail as far as possible."""
+        chosen: list[int] = []
+        for members in self._txn_blocks.values():
+            if len(chosen) >= count:
+                break
+            chosen.extend(members)
+        await self._write_back_locked(chosen)
 
     async def checkpoint(self) -> None:
         """Write the whole AIL in place, then a header whose tail is itself, so all

@@ -13,7 +13,7 @@ import logging
 from gfspy.blockdev.device import Device
 from gfspy.journal.extent import JournalExtents, write_log_blocks
 from gfspy.journal.layout import build_log_header
-from gfspy.ondisk.constants import LH_UNMOUNT
+from gfspy.ondisk.constants import LH_UNMOUNT, LH_USERSPACE
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ async def reset_journal(
                 extents.bsize,
                 jid=jid,
                 sequence=first_sequence + pos,
-                flags=LH_UNMOUNT,
+                flags=LH_UNMOUNT | LH_USERSPACE,
                 tail=0,
                 blkno=pos,
                 addr=extents.device_block(pos),

@@ -59,7 +59,7 @@ class JournalPlan:
 class _Inode:
     """A system inode being built: its dinode fields and where its content lives."""
 
-    fields: Dinode
+    dinode: Dinode
     payload: bytes = b""  # bytes after the dinode header (stuffed data or pointers)
     tree: BlockTree | None = None
     directory: Directory | None = None
@@ -67,7 +67,7 @@ class _Inode:
 
     @property
     def inum(self) -> Inum:
-        return Inum(self.fields.formal, self.fields.addr)
+        return Inum(self.dinode.formal, self.dinode.addr)
 
 
 @dataclass(slots=True)
@@ -130,7 +130,7 @@ class _Builder:
 
     def _new_inode(self, addr: int, mode: int, flags: int, label: str) -> _Inode:
         now = self.opts.now
-        fields = Dinode(
+        dinode = Dinode(
             formal=self._take_formal(),
             addr=addr,
             mode=mode,
@@ -141,16 +141,16 @@ class _Builder:
             goal_data=addr,
             flags=flags,
         )
-        inode = _Inode(fields)
+        inode = _Inode(dinode)
         self.inodes.append(inode)
         self.named[label] = inode
         return inode
 
     def _make_dir(self, inode: _Inode, parent: Inum) -> None:
-        inode.fields.flags |= DIF_JDATA
-        inode.fields.nlink = 2
+        inode.dinode.flags |= DIF_JDATA
+        inode.dinode.nlink = 2
         inode.directory = Directory(
-            self.geom, inode.fields.addr, inode.fields.formal, (parent.formal, parent.addr)
+            self.geom, inode.dinode.addr, inode.dinode.formal, (parent.formal, parent.addr)
         )
 
     def _create(self, parent: _Inode, name: str, mode: int, flags: int, label: str) -> _Inode:
@@ -159,12 +159,12 @@ class _Builder:
         is_dir = stat.S_ISDIR(mode)
         if is_dir:
             self._make_dir(inode, parent.inum)
-            parent.fields.nlink += 1
+            parent.dinode.nlink += 1
         assert parent.directory is not None
         parent.directory.add(
             name.encode(),
-            inode.fields.formal,
-            inode.fields.addr,
+            inode.dinode.formal,
+            inode.dinode.addr,
             DT_DIR if is_dir else DT_REG,
             self.alloc,
         )
@@ -176,7 +176,7 @@ class _Builder:
         `scratch` zero bytes are written after the data without counting in di_size:
         mkfs.gfs2 does that to rindex, which can unstuff it or give it one more block.
         """
-        inode.fields.size = len(data)
+        inode.dinode.size = len(data)
         if len(data) + scratch <= self.geom.bsize - DINODE_SIZE:
             inode.payload = data
             return
@@ -218,7 +218,7 @@ class _Builder:
             ir = self._create(
                 per_node, f"inum_range{j}", reg, DIF_SYSTEM | DIF_JDATA, f"per_node/inum_range{j}"
             )
-            ir.fields.size = INUM_RANGE_SIZE
+            ir.dinode.size = INUM_RANGE_SIZE
             ir.payload = bytes(INUM_RANGE_SIZE)
             sc = self._create(
                 per_node,
@@ -227,7 +227,7 @@ class _Builder:
                 DIF_SYSTEM | DIF_JDATA,
                 f"per_node/statfs_change{j}",
             )
-            sc.fields.size = STATFS_CHANGE_SIZE
+            sc.dinode.size = STATFS_CHANGE_SIZE
             sc.payload = bytes(STATFS_CHANGE_SIZE)
             qc = self._create(
                 per_node, f"quota_change{j}", reg, DIF_SYSTEM, f"per_node/quota_change{j}"
@@ -238,14 +238,14 @@ class _Builder:
         inum_file = self._create(master, "inum", reg, DIF_SYSTEM | DIF_JDATA, "inum")
         statfs_file = self._create(master, "statfs", reg, DIF_SYSTEM | DIF_JDATA, "statfs")
         rindex = self._create(master, "rindex", reg, DIF_SYSTEM | DIF_JDATA, "rindex")
-        rindex.fields.payload_format = FORMAT_RI
+        rindex.dinode.payload_format = FORMAT_RI
         entries = b"".join(
             RindexEntry(rg.addr, rg.length, rg.data0, rg.data, rg.bitbytes).pack()
             for rg in layout.rgrps
         )
         self._write_data(rindex, entries, scratch=RINDEX_ENTRY_SIZE)
         quota = self._create(master, "quota", reg, DIF_SYSTEM | DIF_JDATA, "quota")
-        quota.fields.payload_format = FORMAT_QU
+        quota.dinode.payload_format = FORMAT_QU
         root_usage = QuotaEntry(value=1).pack()
         self._write_data(quota, root_usage * 2)  # uid 0 and gid 0 each own one block
 
@@ -292,7 +292,7 @@ class _Builder:
             height, indirect, root = contiguous_tree(self.geom, addr, log_blocks)
             tree = BlockTree(self.geom, height=height, root=root, indirect=indirect)
             inode.tree = tree
-            f = inode.fields
+            f = inode.dinode
             f.size = nbytes
             f.blocks = self.layout.journal_file_blocks
             f.goal_data = addr + f.blocks - 1
@@ -310,12 +310,12 @@ class _Builder:
         for lblock in range(blocks):
             qc.data_blocks[tree.map_new(lblock, self.alloc)] = header
         qc.tree = tree
-        qc.fields.size = blocks * bsize
+        qc.dinode.size = blocks * bsize
 
     # ---- encoding -----------------------------------------------------------------------
 
     def _encode(self, inode: _Inode, out: dict[int, bytes]) -> None:
-        f = inode.fields
+        f = inode.dinode
         bsize = self.geom.bsize
         payload = inode.payload
         if inode.directory is not None:

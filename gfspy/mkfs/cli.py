@@ -13,11 +13,12 @@ import re
 import sys
 import time
 import uuid as uuid_mod
+from dataclasses import dataclass
 from typing import NoReturn, TextIO
 
 import trio
 
-from gfspy.blockdev.device import DeviceError, open_device
+from gfspy.blockdev.device import Device, DeviceError, open_device
 
 from .alloc import OutOfSpace
 from .builder import BuiltFilesystem, MkfsOptions, build_filesystem
@@ -36,7 +37,7 @@ from .geometry import (
     compute_layout,
 )
 from .signatures import PROBE_BYTES, detect
-from .writer import write_filesystem
+from .writer import discard_device, write_filesystem
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,9 @@ LARGE_DEVICE = 64 << 30
 _EPILOG = f"""\
 DEVICE is an image file, a block device, or an nbd:// URI. BLOCKS limits the
 filesystem to that many blocks at the start of the device (default: all of it).
+
+On block devices and NBD exports the old contents are discarded first (TRIM/UNMAP,
+unless -K), as mkfs.gfs2 does; image files are never discarded.
 
 The layout is the one mkfs.gfs2 3.5.0 makes with the same options: one resource group
 per journal right after the superblock, then resource groups of about -r MiB. Without
@@ -79,8 +83,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog=PROG,
-        description="Make a GFS2 filesystem (format 1802) on DEVICE, byte-compatible with "
-        "mkfs.gfs2, for use by gfspy and the Linux gfs2 module.",
+        description="Make a GFS2 filesystem (format 1802) on DEVICE, laid out exactly as\n"
+        "mkfs.gfs2 lays it out, for gfspy and for the Linux gfs2 module.",
         epilog=_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -147,6 +151,12 @@ def build_parser() -> argparse.ArgumentParser:
         f"(default {DEFAULT_QCSIZE_MB})",
     )
     parser.add_argument(
+        "-K",
+        dest="no_discard",
+        action="store_true",
+        help="do not discard the device's old contents first (block devices and NBD only)",
+    )
+    parser.add_argument(
         "-q", dest="quiet", action="store_true", help="print nothing (no summary, no progress)"
     )
     parser.add_argument("device", metavar="DEVICE", help="image file, block device or NBD URI")
@@ -201,12 +211,12 @@ def check_lock_args(lockproto: str, locktable: str | None) -> str:
 
 class _Progress:
     """`Writing resource groups: 1234/4096` on stderr: rewritten in place on a terminal,
-    a line per quarter otherwise (logs of big runs stay short)."""
+    one line per quarter of the work otherwise, so logs of big runs stay short."""
 
     def __init__(self, stream: TextIO) -> None:
         self.stream = stream
         self.tty = stream.isatty()
-        self.last_step = -1
+        self.last_quarter: dict[str, int] = {}
         self.last_time = 0.0
 
     def __call__(self, what: str, done: int, total: int) -> None:
@@ -214,16 +224,14 @@ class _Progress:
             now = time.monotonic()
             if done == total or now - self.last_time >= 0.1:
                 self.last_time = now
-                end = "\n" if done == total else ""
-                self.stream.write(f"\r{what}: {done}/{total}{end}")
+                self.stream.write(f"\r{what}: {done}/{total}" + ("\n" if done == total else ""))
                 self.stream.flush()
             return
-        step = done * 4 // total
-        if step != self.last_step or done == total:
-            if step != self.last_step:
-                self.stream.write(f"{what}: {done}/{total}\n")
-                self.stream.flush()
-            self.last_step = step if done < total else -1
+        quarter = done * 4 // total
+        if self.last_quarter.get(what) != quarter:
+            self.last_quarter[what] = quarter
+            self.stream.write(f"{what}: {done}/{total}\n")
+            self.stream.flush()
 
 
 def _summary(device: str, device_bytes: int, fs: BuiltFilesystem) -> str:
@@ -251,73 +259,37 @@ class Refused(Exception):
     """mkfs will not proceed; the message is the one line to print (exit 1)."""
 
 
-async def _run(args: argparse.Namespace, opts: MkfsOptions, numbers: dict[str, int | None]) -> int:
-    try:
-        dev = await open_device(args.device)
-    except DeviceError as e:
-        raise Refused(f"cannot open {e.strerror or args.device}") from None
-    async with dev:
-        bsize = numbers["bsize"]
-        assert bsize is not None
-        if bsize < dev.block_size:
-            raise Refused(
-                f"block size {bsize} is smaller than the device's sector size {dev.block_size}"
-            )
-        probe_len = min(PROBE_BYTES, dev.size - dev.size % dev.block_size)
-        head = await dev.read(0, probe_len) if probe_len > 0 else b""
-        found = detect(head)
-        if found and not args.overwrite:
-            raise Refused(
-                f"{args.device} appears to contain an existing {found} filesystem; use -O to overwrite it"
-            )
-        try:
-            layout = compute_layout(
-                device_bytes=dev.size,
-                bsize=bsize,
-                journals=numbers["journals"] or 1,
-                journal_mb=numbers["journal_mb"],
-                rgsize_mb=numbers["rgsize_mb"] or DEFAULT_RGSIZE_MB,
-                fs_blocks=numbers["blocks"],
-            )
-            fs = build_filesystem(layout, opts)
-        except GeometryError as e:
-            raise Refused(f"{args.device}: {e}") from None
-        except OutOfSpace:
-            raise Refused(f"{args.device}: device too small for the system files") from None
-        except DirectoryTooLarge as e:
-            raise Refused(f"{args.device}: unsupported layout: {e}") from None
-        show_progress = not args.quiet and (sys.stderr.isatty() or dev.size >= LARGE_DEVICE)
-        progress = _Progress(sys.stderr) if show_progress else None
-        try:
-            await write_filesystem(dev, fs, progress)
-        except DeviceError as e:
-            raise Refused(f"writing {args.device} failed: {e.strerror or e}") from None
-        if not args.quiet:
-            sys.stdout.write(_summary(args.device, dev.size, fs))
-            sys.stdout.flush()
-    return EXIT_OK
+@dataclass(frozen=True, slots=True)
+class Request:
+    """A fully checked command line."""
+
+    device: str
+    overwrite: bool
+    quiet: bool
+    discard: bool
+    bsize: int
+    journals: int
+    journal_mb: int | None
+    rgsize_mb: int
+    fs_blocks: int | None
+    options: MkfsOptions
 
 
-def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, MkfsOptions, dict[str, int | None]]:
+def parse_request(argv: list[str] | None) -> Request:
+    """Parse and check the command line; UsageError says what is wrong."""
     args = build_parser().parse_args(argv)
-    numbers: dict[str, int | None] = {
-        "journals": _number(args.journals, "number of journals (-j)", 1, 1 << 16),
-        "journal_mb": None
-        if args.journal_mb is None
-        else _number(args.journal_mb, "journal size (-J)", MIN_JOURNAL_MB, MAX_JOURNAL_MB),
-        "rgsize_mb": _number(
-            args.rgsize_mb, "resource group size (-r)", MIN_RGSIZE_MB, MAX_RGSIZE_MB
-        ),
-        "bsize": _number(args.bsize, "block size (-b)", 512, MAX_BSIZE),
-        "qc_mb": _number(args.qc_mb, "quota change size (-c)", 1, MAX_QCSIZE_MB),
-        "blocks": None if args.blocks is None else _number(args.blocks, "BLOCKS", 1),
-    }
-    bsize = numbers["bsize"]
-    assert bsize is not None
+    bsize = _number(args.bsize, "block size (-b)", 512, MAX_BSIZE)
     if bsize & (bsize - 1):
         raise UsageError(
             f"block size (-b) must be a power of two between 512 and {MAX_BSIZE}, not {bsize}"
         )
+    journals = _number(args.journals, "number of journals (-j)", 1, 1 << 16)
+    journal_mb = None
+    if args.journal_mb is not None:
+        journal_mb = _number(args.journal_mb, "journal size (-J)", MIN_JOURNAL_MB, MAX_JOURNAL_MB)
+    rgsize_mb = _number(args.rgsize_mb, "resource group size (-r)", MIN_RGSIZE_MB, MAX_RGSIZE_MB)
+    qc_mb = _number(args.qc_mb, "quota change size (-c)", 1, MAX_QCSIZE_MB)
+    fs_blocks = None if args.blocks is None else _number(args.blocks, "BLOCKS", 1)
     locktable = check_lock_args(args.lockproto, args.locktable)
     fs_uuid = None
     if args.uuid is not None:
@@ -325,22 +297,85 @@ def _parse(argv: list[str] | None) -> tuple[argparse.Namespace, MkfsOptions, dic
             fs_uuid = uuid_mod.UUID(args.uuid)
         except ValueError:
             raise UsageError(f"invalid UUID {args.uuid!r}") from None
-    opts = MkfsOptions(
+    options = MkfsOptions(
         lockproto=args.lockproto,
         locktable=locktable,
         uuid=fs_uuid,
-        qc_mb=numbers["qc_mb"] or DEFAULT_QCSIZE_MB,
+        qc_mb=qc_mb,
         now=int(time.time()),
     )
-    return args, opts, numbers
+    return Request(
+        device=args.device,
+        overwrite=args.overwrite,
+        quiet=args.quiet,
+        discard=not args.no_discard,
+        bsize=bsize,
+        journals=journals,
+        journal_mb=journal_mb,
+        rgsize_mb=rgsize_mb,
+        fs_blocks=fs_blocks,
+        options=options,
+    )
+
+
+async def _plan(req: Request, dev: Device) -> BuiltFilesystem:
+    """Every check that needs the device, then the whole build; nothing is written."""
+    if req.bsize < dev.block_size:
+        raise Refused(
+            f"block size {req.bsize} is smaller than the device's sector size {dev.block_size}"
+        )
+    probe_len = min(PROBE_BYTES, dev.size - dev.size % dev.block_size)
+    found = detect(await dev.read(0, probe_len)) if probe_len > 0 else None
+    if found and not req.overwrite:
+        raise Refused(
+            f"{req.device} appears to contain an existing {found} filesystem; "
+            "use -O to overwrite it"
+        )
+    try:
+        layout = compute_layout(
+            device_bytes=dev.size,
+            bsize=req.bsize,
+            journals=req.journals,
+            journal_mb=req.journal_mb,
+            rgsize_mb=req.rgsize_mb,
+            fs_blocks=req.fs_blocks,
+        )
+        return build_filesystem(layout, req.options)
+    except GeometryError as e:
+        raise Refused(f"{req.device}: {e}") from None
+    except OutOfSpace:
+        raise Refused(f"{req.device}: device too small for the system files") from None
+    except DirectoryTooLarge as e:
+        raise Refused(f"{req.device}: unsupported layout: {e}") from None
+
+
+async def run(req: Request) -> int:
+    """Make the filesystem described by `req`; Refused if it must not or cannot."""
+    try:
+        dev = await open_device(req.device)
+    except DeviceError as e:
+        raise Refused(f"cannot open {e.strerror or req.device}") from None
+    async with dev:
+        fs = await _plan(req, dev)
+        show_progress = not req.quiet and (sys.stderr.isatty() or dev.size >= LARGE_DEVICE)
+        try:
+            if req.discard:
+                await discard_device(dev, fs.layout.fs_blocks * fs.layout.bsize)
+            await write_filesystem(dev, fs, _Progress(sys.stderr) if show_progress else None)
+        except DeviceError as e:
+            raise Refused(f"writing {req.device} failed: {e.strerror or e}") from None
+        log.info("%s: made gfs2 with %d journals", req.device, req.journals)
+        if not req.quiet:
+            sys.stdout.write(_summary(req.device, dev.size, fs))
+            sys.stdout.flush()
+    return EXIT_OK
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `gfspy-mkfs`; returns the exit status."""
     logging.basicConfig(level=os.environ.get("GFSPY_LOG", "WARNING").upper(), stream=sys.stderr)
     try:
-        args, opts, numbers = _parse(argv)
-        return trio.run(_run, args, opts, numbers)
+        return trio.run(run, parse_request(argv))
     except UsageError as e:
         print(f"{PROG}: {e} (see --help)", file=sys.stderr)
         return EXIT_USAGE

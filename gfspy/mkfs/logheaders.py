@@ -10,17 +10,25 @@ map of the 32-bit state, tabulated once per block size.
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterator
 from functools import lru_cache
 
 import crcmod
 
+from gfspy.ondisk.checksums import lh_hash
 from gfspy.ondisk.constants import LH_UNMOUNT, LH_USERSPACE, LOG_HEADER_SIZE
 from gfspy.ondisk.journal import LogHeader
 
 _crc32c_raw = crcmod.mkCrcFun(0x11EDC6F41, initCrc=0xFFFFFFFF, rev=True, xorOut=0)
-_CRC_START = 52  # lh_crc covers bytes 52..end of block and is stored at 48
+# Offsets in the log header (reference §7.1) of what differs from block to block.
+_SEQUENCE, _SEQUENCE_OFFSET = struct.Struct(">Q"), 24
+_BLKNO, _BLKNO_OFFSET = struct.Struct(">I"), 40
+_ADDR, _ADDR_OFFSET = struct.Struct(">Q"), 64
+_U32 = struct.Struct(">I")
+_HASH_OFFSET = 44
 _CRC_OFFSET = 48
+_CRC_START = 52  # lh_crc covers bytes 52..end of block
 MKFS_LH_FLAGS = LH_UNMOUNT | LH_USERSPACE
 
 
@@ -51,8 +59,13 @@ def journal_blocks(
     """Yield (device block, data) chunks holding the headers of a whole fresh journal.
 
     `first_block` is the device block of journal block 0 (the journal is contiguous,
-    as mkfs makes it); `start_seq` is the sequence number of journal block 0.
+    as mkfs makes it); `start_seq` is the sequence number of journal block 0. The
+    header is encoded once by gfspy.ondisk; per block only the three fields that change
+    (sequence, blkno, addr) and the two checksums are patched in.
     """
+    template = bytearray(
+        LogHeader(sequence=0, flags=MKFS_LH_FLAGS, tail=0, blkno=0, jinode=jinode).pack()
+    )
     tail_zeros = bsize - LOG_HEADER_SIZE
     seq = start_seq
     done = 0
@@ -60,19 +73,15 @@ def journal_blocks(
         count = min(chunk_blocks, nblocks - done)
         buf = bytearray(count * bsize)
         for i in range(count):
-            off = i * bsize
             jblock = done + i
-            header = LogHeader(
-                sequence=seq,
-                flags=MKFS_LH_FLAGS,
-                tail=0,
-                blkno=jblock,
-                addr=first_block + jblock,
-                jinode=jinode,
-            ).pack()  # lh_hash filled in, lh_crc still 0
-            buf[off : off + LOG_HEADER_SIZE] = header
-            crc = _crc_with_zero_tail(header[_CRC_START:], tail_zeros)
-            buf[off + _CRC_OFFSET : off + _CRC_OFFSET + 4] = crc.to_bytes(4, "big")
+            _SEQUENCE.pack_into(template, _SEQUENCE_OFFSET, seq)
+            _BLKNO.pack_into(template, _BLKNO_OFFSET, jblock)
+            _ADDR.pack_into(template, _ADDR_OFFSET, first_block + jblock)
+            _U32.pack_into(template, _HASH_OFFSET, lh_hash(template))
+            crc = _crc_with_zero_tail(bytes(template[_CRC_START:]), tail_zeros)
+            off = i * bsize
+            buf[off : off + LOG_HEADER_SIZE] = template
+            _U32.pack_into(buf, off + _CRC_OFFSET, crc)
             seq += 1
             if seq == nblocks:
                 seq = 0

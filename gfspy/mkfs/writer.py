@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
-from gfspy.blockdev.device import Device
+from gfspy.blockdev.device import Device, DeviceError
 from gfspy.ondisk.constants import SB_OFFSET
 
 from .builder import BuiltFilesystem
@@ -43,6 +43,31 @@ def _coalesce(blocks: dict[int, bytes], bsize: int, limit: int) -> list[tuple[in
     if parts:
         runs.append((start, b"".join(parts)))
     return runs
+
+
+#: Largest single discard request (NBD lengths are 32-bit).
+MAX_DISCARD = 1 << 30
+
+
+async def discard_device(dev: Device, length: int) -> bool:
+    """Tell the storage that the first `length` bytes are unused, as mkfs.gfs2 does for
+    block devices (thin-provisioned LUNs get their space back). Image files are left
+    alone. Returns False if the device does not support discard; that is not an error.
+    """
+    if getattr(dev, "is_blockdev", True) is False:
+        return False
+    length -= length % dev.block_size
+    offset = 0
+    while offset < length:
+        count = min(MAX_DISCARD, length - offset)
+        try:
+            await dev.discard(offset, count)
+        except DeviceError as e:
+            log.info("%s: discard not supported (%s); continuing without it", dev.name, e)
+            return False
+        offset += count
+    log.info("%s: discarded %d bytes", dev.name, length)
+    return True
 
 
 async def write_filesystem(

@@ -240,3 +240,38 @@ async def test_fencing_one_incarnation_spares_the_admitted_new_one(start_blockd,
     again = await raw_open(server.nbd_port, "disk@nodeA:2")
     await again.aclose()
     await new.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_fence_confirms_even_when_the_victim_stops_reading(start_blockd, tmp_path):
+    """Replies stuck behind a full socket are not I/O: they must not block the fence."""
+    server = start_blockd({"disk": make_image(tmp_path / "disk.img", IMAGE)})
+    victim = await raw_open(server.nbd_port, "disk@nodeA:9")
+    # Ask for far more data than the socket buffers hold, and never read a byte of it.
+    for cookie in range(200):
+        await victim.send_request(Cmd.READ, cookie, (cookie % 16) * (1 << 20), 1 << 20)
+
+    async def replies_stuck() -> bool:
+        sessions = (await server_status(server.control))["sessions"]
+        return any(s["node"] == "nodeA" and s["requests"] >= 64 for s in sessions)
+
+    with trio.fail_after(20):
+        while not await replies_stuck():
+            await trio.sleep(0.05)
+    with trio.fail_after(20):
+        answer = await fence_node(server.control, "nodeA", epoch=1)
+    assert answer["status"] == "CONFIRMED", answer
+    assert (await server_status(server.control))["sessions"] == []
+    await victim.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_sigterm_with_io_in_flight_exits_cleanly(start_blockd, tmp_path):
+    server = start_blockd({"disk": make_image(tmp_path / "disk.img", IMAGE)})
+    client = await raw_open(server.nbd_port, "disk@nodeA:1")
+    for cookie in range(32):
+        await client.send_request(Cmd.WRITE, cookie, cookie * CHUNK, CHUNK, os.urandom(CHUNK))
+    code = await trio.to_thread.run_sync(server.stop)
+    assert code == 0
+    assert "shutting down" in server.log_text()
+    await client.aclose()

@@ -102,3 +102,21 @@ def test_read_only_export_refuses_writes(start_blockd, tmp_path):
     result = run("nbdcopy", str(source), server.uri("disk"))
     assert result.returncode != 0
     assert disk.read_bytes() == bytes(1 << 20)
+
+
+@pytest.mark.timeout(90)
+def test_gfs2_image_survives_a_round_trip_through_the_server(start_blockd, tmp_path):
+    """mkfs.gfs2 image -> qemu-img convert into the export -> nbdcopy out -> fsck.gfs2."""
+    made = make_image(tmp_path / "made.img", 64 << 20)
+    mkfs = run("mkfs.gfs2", "-O", "-p", "lock_nolock", "-j", "1", str(made))
+    assert mkfs.returncode == 0, mkfs.stderr
+    disk = make_image(tmp_path / "disk.img", 64 << 20)
+    server = start_blockd({"disk": disk})
+    up = run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", str(made), server.uri("disk"))
+    assert up.returncode == 0, up.stderr
+    back = tmp_path / "back.img"
+    down = run("nbdcopy", server.uri("disk"), str(back))
+    assert down.returncode == 0, down.stderr
+    fsck = run("fsck.gfs2", "-n", str(back))
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    assert back.read_bytes() == made.read_bytes()

@@ -85,6 +85,15 @@ def test_tls_client_certificate_required_and_names_the_node(start_blockd, pki, t
     assert good.returncode == 0, good.stderr
     assert good.stdout.strip() == str(1 << 20)
     assert "certificate CN node3" in server.log_text()
+    qemu = subprocess.run(
+        ["qemu-img", "info", "--output=json",
+         "--object", f"tls-creds-x509,id=tls0,dir={pki / 'node3'},endpoint=client",
+         "--image-opts",
+         f"driver=nbd,host=127.0.0.1,port={server.nbd_port},export=disk,tls-creds=tls0"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert qemu.returncode == 0, qemu.stderr
+    assert '"virtual-size": 1048576' in qemu.stdout
 
     # No client certificate: the TLS handshake is refused.
     assert nbdinfo(f"{base}/disk?tls-certificates={pki / 'nocert'}").returncode != 0

@@ -72,7 +72,8 @@ async def test_path_whose_identity_changes_on_reconnect_is_refused(servers):
 async def test_no_path_retry_queues_then_fails_with_eio(servers):
     _, start = servers
     a, b = start("a"), start("b")
-    config = MultipathConfig(polling_interval=0.3, no_path_retry=10, io_timeout=5)
+    # A generous budget (60 x 0.3 s) so a server restart on a loaded machine fits in it.
+    config = MultipathConfig(polling_interval=0.3, no_path_retry=60, io_timeout=5)
     dev = await MultipathDevice.open([a.uri(), b.uri()], config)
     try:
         await dev.write(0, b"q" * 4096)
@@ -89,9 +90,16 @@ async def test_no_path_retry_queues_then_fails_with_eio(servers):
             assert not result  # queued: no path
             await trio.to_thread.run_sync(b.start)  # a path returns within the budget
         assert result == [b"q" * 4096]
+    finally:
+        await dev.aclose()
 
+    # A small budget that runs out: EIO, never a hang.
+    short = MultipathConfig(polling_interval=0.3, no_path_retry=3, io_timeout=5)
+    dev = await MultipathDevice.open([a.uri(), b.uri()], short)  # A is down, B is back
+    try:
+        assert await dev.read(0, 4096) == b"q" * 4096
         await trio.to_thread.run_sync(b.kill)
-        with pytest.raises(DeviceError) as e:  # the budget runs out: EIO, never a hang
+        with pytest.raises(DeviceError) as e:
             await dev.read(0, 4096)
         assert e.value.errno == errno.EIO and "no usable path" in e.value.strerror
     finally:
@@ -183,3 +191,30 @@ async def test_multibus_round_robin_honours_rr_min_io(servers):
     finally:
         await dev.aclose()
     assert image.read_bytes()[: 12 * 4096] == b"".join(bytes([65 + i]) * 4096 for i in range(12))
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("selector", ["queue-length", "service-time"])
+async def test_load_aware_selectors_avoid_a_slow_path(tmp_path, selector):
+    from .servers import start_nbdkit, stop
+
+    image = make_image(tmp_path / "lun.img", 4 * MiB)
+    slow, slow_port = start_nbdkit("--filter=delay", "file", str(image), "delay-read=3")
+    fast, fast_port = start_nbdkit("file", str(image))
+    try:
+        dev = await MultipathDevice.open(
+            [f"nbd://127.0.0.1:{slow_port}/", f"nbd://127.0.0.1:{fast_port}/"],
+            MultipathConfig(policy="multibus", path_selector=selector, io_timeout=10),
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(dev.read, 0, 4096)  # first pick: the slow path
+                await trio.sleep(0.1)
+                for i in range(1, 12):  # while it is busy, everything goes to the idle path
+                    await dev.read(i * 4096, 4096)
+            assert dev.paths[0].requests == 1 and dev.paths[1].requests == 11
+        finally:
+            await dev.aclose()
+    finally:
+        stop(slow)
+        stop(fast)

@@ -336,3 +336,15 @@ def test_random_server_bytes_only_ever_give_protocol_errors():
                     break
         except (NbdProtocolError, NbdNegotiationError):
             pass
+
+
+@pytest.mark.timeout(10)
+def test_large_write_payload_is_sent_as_its_own_buffer():
+    c, _ = negotiated_client()
+    big = memoryview(bytearray(1 << 20))
+    cookie, parts = c.request_parts(Cmd.WRITE, 4096, payload=big)
+    assert len(parts) == 2 and parts[1] is big
+    req = wire.decode_request(parts[0])
+    assert (req.cookie, req.offset, req.length) == (cookie, 4096, 1 << 20)
+    _, small = c.request_parts(Cmd.WRITE, 0, payload=b"s" * 512)
+    assert len(small) == 1 and small[0][28:] == b"s" * 512

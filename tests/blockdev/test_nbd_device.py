@@ -140,6 +140,12 @@ async def test_block_size_limits_are_obeyed():
             data = os.urandom(5 * MiB)  # must be cut into <= 1 MiB requests
             await dev.write(4096, data)
             assert await dev.read(4096, len(data)) == data
+            await dev.write_zeroes(8192, 3 * MiB)  # also cut into <= 1 MiB requests
+            assert (
+                await dev.read(4096, 3 * MiB + 8192)
+                == data[:4096] + bytes(3 * MiB) + data[3 * MiB + 4096 : 3 * MiB + 8192]
+            )
+            await dev.discard(0, 4 * MiB)
             with pytest.raises(DeviceError) as e:
                 await dev.read(512, 4096)  # unaligned for this export
             assert e.value.errno == errno.EINVAL

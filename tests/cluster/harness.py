@@ -93,12 +93,17 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str) -> Any:
 class BlockServer:
     """A real gfspy-blockd with a control port, exporting a sparse image."""
 
-    def __init__(self, directory: Path, host: str = "127.0.0.1", name: str = "b1") -> None:
+    def __init__(
+        self, directory: Path, host: str = "127.0.0.1", name: str = "b1", control: str = ""
+    ) -> None:
+        """Start a server; `control` reuses a control address (a restart), else port 0."""
         directory.mkdir(parents=True, exist_ok=True)
         image = directory / "lun.img"
-        image.write_bytes(b"")
-        os.truncate(image, 16 << 20)
+        if not image.exists():
+            image.write_bytes(b"")
+            os.truncate(image, 16 << 20)
         ready = directory / "ready.json"
+        ready.unlink(missing_ok=True)
         self.log = directory / "blockd.log"
         self.proc = subprocess.Popen(
             [
@@ -108,7 +113,7 @@ class BlockServer:
                 "--listen",
                 f"{host}:0",
                 "--control",
-                f"{host}:0",
+                control or f"{host}:0",
                 "--state",
                 str(directory / "state"),
                 "--ready-file",

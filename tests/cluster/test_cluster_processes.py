@@ -230,6 +230,13 @@ def test_two_nodes_with_block_server_as_witness(tmp_path, closing):
     )  # fmt: skip
     assert cluster.status(1)["quorum"]["witness_votes"] == 0
 
+    # The witness comes back (same control address): quorum returns, and since the
+    # membership did not change, a fresh view of the same members restarts locking.
+    stopped_in = cluster.status(1)["epoch"]
+    restarted = BlockServer(tmp_path / "b1", name="b1", control=server.control)
+    closing(restarted)
+    assert cluster.wait_view([1], [1]) > stopped_in
+
 
 @pytest.mark.timeout(90)
 def test_two_nodes_without_tie_breaker_never_fence(tmp_path, closing):

@@ -116,3 +116,40 @@ def test_storage_fence_then_lock_handover(tmp_path, closing):
         status, "lock_granted", "journal-2"
     )
     assert f"{victim_inc:x}" in server.status()["fence_table"]["node3"]["banned"]
+
+
+@pytest.mark.timeout(120)
+def test_fence_actor_dies_mid_fence_next_lowest_takes_over(tmp_path, closing):
+    agent, log, _ = write_agent(tmp_path, failures=3)
+    cluster = Cluster(tmp_path, 5, fence=[{"method": "agent", "command": str(agent)}])
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2, 3, 4, 5], [1, 2, 3, 4, 5])
+    # Node 1 masters "statfs" and holds it EX; node 4 keeps an NL copy of the value
+    # block; node 5 waits for PW. Node 1's death takes the master *and* the EX holder.
+    held = lock(cluster, 1, "statfs", "EX", valblk=True)
+    assert held["mode"] == "EX"
+    assert lock(cluster, 4, "statfs", "NL", valblk=True)["mode"] == "NL"
+    waiter = lock(cluster, 5, "statfs", "PW", wait=0.5, valblk=True)
+    assert waiter["mode"] == "IV"
+
+    cluster.kill(2)
+    # Node 1, the fence actor, is still failing to fence node 2 when it dies too.
+    wait_for(lambda: len(agent_calls(log)) >= 1, 20, "a first (failed) fence of node 2")
+    cluster.kill(1)
+    epoch = cluster.wait_view([3, 4, 5], [3, 4, 5], timeout=40)
+
+    status = cluster.status(3)
+    done = {r["node_id"]: r for r in fences(status) if r["ok"]}
+    assert set(done) == {1, 2} and {r["actor"] for r in done.values()} == {3}
+    granted = wait_for(
+        lambda: (r := lock_state(cluster, 5, waiter["lkid"]))["mode"] == "PW" and r,
+        20,
+        "node 5's PW after both fences",
+    )
+    assert granted["valnotvalid"]
+    s5 = cluster.status(5)
+    got = seq_of(s5, "lock_granted", "statfs")
+    assert seq_of(s5, "fence_confirmed", "node 1 ") < got
+    assert seq_of(s5, "fence_confirmed", "node 2 ") < got
+    assert [e for e in s5["events"] if e["kind"] == "running"][-1]["epoch"] == epoch

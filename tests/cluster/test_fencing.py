@@ -12,6 +12,7 @@ from gfspy.cluster.config import parse_config
 from gfspy.cluster.fencing import (
     FenceError,
     Fencer,
+    SelfFenced,
     agent_stdin,
     backoff_delay,
     fence_at_storage,
@@ -198,3 +199,36 @@ def test_heartbeat_packets_and_failure_detector():
     fd.heard(3, 1, now=8.0)
     assert fd.heard(3, 2, now=8.1) == [PeerRestarted(3, 1, 2), PeerAlive(3, 2)]
     assert fd.alive() == {3: 2}
+
+
+@pytest.mark.timeout(30)
+async def test_two_node_fence_race_lower_node_goes_first(tmp_path):
+    """With fence_delay the higher node waits, so in a split both sides may try but the
+    lower node's fence lands first (and a storage fence then cuts the other off)."""
+    agent, log, _ = write_agent(tmp_path)
+    config = config_with([{"method": "agent", "command": str(agent)}], fence_delay=1.0)
+    low, high = Fencer(config, my_id=1), Fencer(config, my_id=2)
+    now = time.time()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(high.fence_until_done, high.need_fence(1, 11, 2, now))
+        nursery.start_soon(low.fence_until_done, low.need_fence(2, 22, 2, now))
+    assert [c["nodename"] for c in agent_calls(log)] == ["n2", "n1"]
+
+
+@pytest.mark.timeout(60)
+async def test_loser_of_a_storage_fence_race_does_not_fence_back(tmp_path):
+    server = BlockServer(tmp_path / "b1", name="b1")
+    try:
+        config = config_with([{"method": "storage"}], storage=[server], fence_delay=0.3)
+        high = Fencer(config, my_id=2, my_incarnation=0x22)
+        assert not await high.self_fenced_at_storage()
+        # Node 1 won: it fenced node 2's incarnation first.
+        await fence_at_storage(config, 2, 0x22, epoch=5, timeout=10)
+        case = high.need_fence(1, 0x11, epoch=5, failed_at=time.time())
+        with pytest.raises(SelfFenced, match="fenced at the storage first"):
+            await high.fence_until_done(case)
+        table = (await trio.to_thread.run_sync(server.status))["fence_table"]
+        assert "n1" not in table and table["n2"]["banned"] == ["22"]
+        assert not case.done and high.history == []
+    finally:
+        server.close()

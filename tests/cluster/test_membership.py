@@ -311,7 +311,9 @@ def test_random_failures_partitions_and_losses_keep_views_consistent(seed):
             cut = rng.randrange(1, n)
             sim.heal()
             sim.partition(set(ids[:cut]), set(ids[cut:]))
-        elif roll < 0.18:
+        elif roll < 0.15:
+            sim.cut.add(frozenset(rng.sample(range(1, n + 1), 2)))  # one link only
+        elif roll < 0.19:
             sim.heal()
         sim.step()
     sim.drop = None
@@ -329,3 +331,38 @@ def test_random_failures_partitions_and_losses_keep_views_consistent(seed):
     live = [i for i in sim.nodes if i not in sim.expelled]
     if len(live) >= 3:
         assert len({sim.members(i) for i in live}) == 1
+
+
+@pytest.mark.timeout(10)
+def test_total_partition_heals_into_a_fresh_view_of_the_same_members():
+    sim = Sim(3)
+    sim.run()
+    before = sim.epoch(1)
+    sim.partition({1}, {2}, {3})
+    sim.run()
+    # Nobody had quorum: nobody committed anything, everybody stopped.
+    assert {sim.epoch(i) for i in (1, 2, 3)} == {before}
+    assert all(sim.changes[i] >= 1 for i in (1, 2, 3))
+    sim.heal()
+    sim.run()
+    assert {sim.epoch(i) for i in (1, 2, 3)} == {before}  # same members: no change needed
+    # ... but the stopped lockspaces can only restart through a new view (the daemon
+    # asks for one whenever it is stopped and quorate again).
+    for i in (2, 3):
+        sim.nodes[i].want_restart = True
+    sim.run()
+    epochs = {sim.epoch(i) for i in (1, 2, 3)}
+    assert len(epochs) == 1 and epochs.pop() > before
+    assert {sim.members(i) for i in (1, 2, 3)} == {(1, 2, 3)}
+    assert not any(m.want_restart for m in sim.nodes.values())
+
+
+@pytest.mark.timeout(10)
+def test_one_way_link_failure_drops_the_higher_node():
+    sim = Sim(4)
+    sim.run()
+    # Only the link between 2 and 3 fails; node 1 (the coordinator) still hears both.
+    sim.cut.add(frozenset((2, 3)))
+    sim.run()
+    assert {sim.members(i) for i in (1, 2, 4)} == {(1, 2, 4)}
+    assert_same_history(sim, [1, 2, 4])

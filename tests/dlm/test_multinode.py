@@ -90,8 +90,8 @@ async def test_lock_storm_never_grants_incompatible_modes():
         grants = [0]
 
         def observe(node, handle):
-            if handle.status != 0:
-                return
+            if handle.status != 0 or node not in c.spaces:
+                return  # a killed node's late events are not grants anyone can rely on
             for other, mode in held[handle.name].items():
                 if other != (node, handle.lkid) and not compatible(mode, handle.mode):
                     violations.append((handle.name, other, mode, node, handle.mode))
@@ -321,16 +321,12 @@ async def test_storm_survives_a_node_killed_mid_storm(seed):
         victim = 4
 
         def observe(node, handle):
-            if handle.status != 0:
-                return
+            if handle.status != 0 or node not in c.spaces:
+                return  # a killed node's late events are not grants anyone can rely on
             for other, mode in held[handle.name].items():
                 if other != (node, handle.lkid) and not compatible(mode, handle.mode):
-                    violations.append((handle.name, other, mode, node, handle.lkid, handle.mode, phase,
-                        {n: ls.masters[handle.name].dump() for n, ls in c.spaces.items() if handle.name in ls.masters},
-                        {n: (ls.rsbs[handle.name].master if handle.name in ls.rsbs else None) for n, ls in c.spaces.items()}))
+                    violations.append((handle.name, other, mode, node, handle.mode))
             held[handle.name][(node, handle.lkid)] = handle.mode
-
-        phase = "before"  # noqa
 
         async def worker(node, rng, cancel_scope):
             with cancel_scope:
@@ -376,20 +372,17 @@ async def test_storm_survives_a_node_killed_mid_storm(seed):
             for scope in scopes[victim]:
                 scope.cancel()
             await c.kill(victim)
-            phase = "killed"
             for name in names:
                 for key in [k for k in held[name] if k[0] == victim]:
                     del held[name][key]
             before = dict(completed)
             await c.change_view(removed=frozenset({victim}))
-            phase = "recovered"
             await trio.sleep(0.4)
             for node in (1, 2, 3):
                 for scope in scopes[node]:
                     scope.cancel()
             workers.cancel_scope.cancel()
-        import pprint
-        assert violations == [], pprint.pformat(violations)
+        assert violations == []
         assert two_masters == []
         assert all(completed[n] > before[n] for n in (1, 2, 3))
         # workers were cancelled mid-operation; drain what they left behind
@@ -402,5 +395,34 @@ async def test_storm_survives_a_node_killed_mid_storm(seed):
                 assert await h.wait() == EUNLOCK
         for name in names:
             assert len(c.masters_of(name)) == 0, name  # every lock is gone everywhere
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_joining_node_finds_existing_masters_through_rebuilt_directory():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 2)
+        names = [f"j-{i}".encode() for i in range(20)]
+        held = {}
+        for i, name in enumerate(names):
+            held[name] = await c.spaces[1 + i % 2].lock(name, EX)
+        before = {name: c.masters_of(name) for name in names}
+        await c.add_nodes(3)
+        await c.change_view()
+        members = c.view.member_ids
+        # masters did not move; the directory share now on node 3 was rebuilt for it
+        assert {name: c.masters_of(name) for name in names} == before
+        on_3 = [n for n in names if directory_node(n, members) == 3]
+        assert on_3 and all(c.spaces[3].directory.entries[n] == before[n][0] for n in on_3)
+        for name in names:
+            with pytest.raises(OSError):
+                await c.spaces[3].lock(name, PR, Flag.NOQUEUE)
+        waiters = [c.spaces[3].request(name, PR) for name in names]
+        for i, name in enumerate(names):
+            await c.spaces[1 + i % 2].unlock(held[name])
+        for h in waiters:
+            assert await h.wait() == 0
+        assert {name: c.masters_of(name) for name in names} == before
         await c.close()
         nursery.cancel_scope.cancel()

@@ -158,3 +158,39 @@ async def test_link_resends_after_reconnect_exactly_once_in_order():
         await a.aclose()
         await b.aclose()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_peer_that_never_acknowledges_is_reported_once():
+    async with trio.open_nursery() as nursery:
+        a = Transport(1, random.getrandbits(32), "127.0.0.1")
+        await a.start(nursery)
+        # a listening socket that never answers stands in for a hung peer
+        silent = trio.socket.socket()
+        await silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        reported = []
+        a.max_unacked = 10
+        a.hello_timeout = 0.05
+        a.on_overflow = reported.append
+        a.set_peer(2, f"127.0.0.1:{silent.getsockname()[1]}")
+        for i in range(25):
+            a.send(2, encode_message(MsgType.BARRIER, b"t", 1, a.incarnation, 1, i))
+        assert reported == [2] and a.unacked(2) == 25  # reported once, nothing dropped
+        # the silent peer never completes the handshake: the link keeps retrying, the
+        # transport stays up and keeps serving others
+        await trio.sleep(0.3)
+        b = Transport(3, random.getrandbits(32), "127.0.0.1")
+        await b.start(nursery)
+        got = []
+        b.register(b"t", got.append)
+        a.set_peer(3, b.address)
+        a.send(3, encode_message(MsgType.BARRIER, b"t", 1, a.incarnation, 1, 7))
+        with trio.fail_after(5):
+            while not got:
+                await trio.sleep(0.01)
+        assert got[0].step == 7 and a.unacked(2) == 25
+        await b.aclose()
+        silent.close()
+        await a.aclose()
+        nursery.cancel_scope.cancel()

@@ -97,7 +97,8 @@ async def test_readdir_cookies_survive_changes(tmp_path):
             cookie = batch[-1][2]
             # Change the directory between batches: remove entries not seen yet and
             # add new ones (their hashes fall anywhere).
-            unseen = [n for n in names if n not in removed and n not in set(seen)]
+            seen_set = set(seen)
+            unseen = [n for n in names if n not in removed and n not in seen_set]
             for name in unseen[:40]:
                 await fs.unlink(d, name)
                 removed.add(name)

@@ -106,6 +106,17 @@ def _orphan(im: Image, p: Populated) -> dict[str, int]:
     return {"inner": inner, "target": target}
 
 
+def _unreachable_dir(im: Image, p: Populated) -> dict[str, int]:
+    """Root's entry 'sub' now names the directory 'many': sub is cut off from the
+    tree and many has two parents."""
+    root = im.sb.root_dir.addr
+    off = im.dirent_offset(root, b"sub")
+    formal = int.from_bytes(im.read(p.many)[24:32], "big")
+    im.set_u64(root, off + DE_FORMAL, formal)
+    im.set_u64(root, off + DE_ADDR, p.many)
+    return {"sub": p.sub, "many": p.many, "root": root}
+
+
 def _ed_type(im: Image, p: Populated) -> dict[str, int]:
     ind = int.from_bytes(im.read(p.eafile)[168:176], "big")
     ea = int.from_bytes(im.read(ind)[24:32], "big")
@@ -121,6 +132,17 @@ def _unlinked(im: Image, p: Populated) -> dict[str, int]:
 
 
 FAULTS = [
+    Fault(
+        "unreachable_directory",
+        _unreachable_dir,
+        r"^inode {sub}: directory is not reachable from root or master$",
+        r"[Uu]nlinked|lost\+found|Found a hard link|hard link",
+    ),
+    Fault(
+        "directory_linked_twice",
+        _unreachable_dir,
+        r"^inode {many}: directory is linked from both inode {root} and inode {root}$",
+    ),
     Fault(
         "unlinked_state",
         _unlinked,

@@ -16,7 +16,7 @@ from gfspy.blockdev.device import Device
 from gfspy.journal.extent import JournalExtents, map_journal
 from gfspy.journal.locate import locate_journal
 from gfspy.journal.log import Journal, JournalDirtyError, open_journal
-from gfspy.journal.replay import recover_journal, replay_journal
+from gfspy.journal.replay import HeaderStyle, recover_journal, replay_journal
 from gfspy.journal.scan import scan_journal
 from gfspy.journal.transaction import Transaction
 from gfspy.ondisk.constants import LH_RECOVERY, LH_UNMOUNT
@@ -38,11 +38,11 @@ from .helpers import (
 )
 
 
-async def replay_ours(path: Path, style: str = "fsck") -> None:
+async def replay_ours(path: Path, style: HeaderStyle = "fsck") -> None:
     dev = await open_device(path)
     try:
         _, extents = await journal0(dev)
-        result = await replay_journal(dev, extents, jid=0, header_style=style)  # type: ignore[arg-type]
+        result = await replay_journal(dev, extents, jid=0, header_style=style)
         assert result.was_dirty
     finally:
         await dev.aclose()

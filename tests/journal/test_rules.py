@@ -17,6 +17,7 @@ from gfspy.blockdev.local import LocalDevice
 from gfspy.journal.extent import JournalExtents, JournalLayoutError
 from gfspy.journal.log import JournalFullError, JournalWithdrawnError, open_journal
 from gfspy.journal.replay import ReplayError, recover_journal, replay_journal
+from gfspy.journal.status import journal_status
 from gfspy.journal.transaction import Transaction, TransactionError
 from gfspy.ondisk.constants import DINODE_SIZE, LD_METADATA, METATYPE_LH
 from gfspy.ondisk.meta import MetaHeader
@@ -152,7 +153,7 @@ async def test_oversized_transaction_is_refused_without_harm(tmp_path: Path) -> 
         journal = await open_journal(dev, 0)
         t = Transaction(BSIZE)
         for blk in range(1, journal.journal_blocks):
-            t.add_metadata(10_000 + blk, metadata_block(10_000 + blk, 0))
+            t.add_metadata(3_000 + blk, metadata_block(3_000 + blk, 0))
         with pytest.raises(JournalFullError):
             await journal.commit(t)
         far = Transaction(BSIZE)
@@ -466,3 +467,54 @@ async def test_journal_tree_that_cannot_be_trusted_is_refused(
             await recover_journal(dev, 0)
     finally:
         await dev.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_status_reports_what_a_replay_would_find(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        fresh = await journal_status(dev, 0)
+        assert fresh.clean and fresh.live_blocks == 0 and not fresh.problems
+        assert fresh.blocks == 2048 and fresh.runs == 1
+        journal = await open_journal(dev, 0)
+        a, b = await free_blocks(dev, 2)
+        t = Transaction(BSIZE)
+        t.add_metadata(a, metadata_block(a, 1))
+        t.add_metadata(b, metadata_block(b, 1))
+        t.change_statfs(free=-2)
+        await journal.commit(t)
+        dirty = await journal_status(dev, 0)
+        assert not dirty.clean
+        assert dirty.live_blocks == 3  # descriptor + two copies
+        assert fresh.sequence is not None and dirty.sequence == fresh.sequence + 1
+        assert dirty.statfs_local == (0, -2, 0)
+        assert "DIRTY" in dirty.summary()
+        await journal.clean_unmount()
+        assert (await journal_status(dev, 0)).clean
+    finally:
+        await dev.aclose()
+
+
+@pytest.mark.timeout(60)
+async def test_ail_memory_is_bounded_by_writing_back_oldest(tmp_path: Path) -> None:
+    image = make_image(tmp_path / "fs.img")
+    dev = await open_device(image)
+    try:
+        pool = await free_blocks(dev, 200, spacing=1)
+        journal = await open_journal(dev, 0)
+        journal.max_ail_blocks = 50
+        for n in range(10):
+            t = Transaction(BSIZE)
+            for blk in pool[n * 20 : (n + 1) * 20]:
+                t.add_metadata(blk, metadata_block(blk, n))
+            await journal.commit(t)
+            assert len(journal.ail_blocks) <= 50
+        assert journal.ail_blocks <= set(pool[100:]), "the oldest went back first"
+        assert await dev.read(pool[0] * BSIZE, BSIZE) == metadata_block(pool[0], 0)
+    finally:
+        await dev.aclose()  # crash
+    assert fsck(image, "-y").returncode in (0, 1)
+    for n in range(10):
+        for blk in pool[n * 20 : (n + 1) * 20]:
+            assert read_block(image, blk) == metadata_block(blk, n)

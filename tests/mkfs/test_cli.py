@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import pty
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -88,3 +92,41 @@ def test_main_returns_status_instead_of_exiting(
     assert main(["--help"]) == 0
     err = capsys.readouterr().err
     assert "existing gfs2" in err and "power of two" in err
+
+
+@pytest.mark.timeout(60)
+def test_progress_on_a_terminal(tmp_path: Path) -> None:
+    """With stderr on a terminal, progress is shown even for a small device; -q hides it."""
+    image = sparse_image(tmp_path / "fs.img", 64 * MIB)
+
+    def stderr_on_tty(*args: str) -> str:
+        master, slave = pty.openpty()
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-m", "gfspy.mkfs", *args, str(image)],
+                stdout=subprocess.DEVNULL,
+                stderr=slave,
+                timeout=60,
+            )
+            assert proc.returncode == 0
+            os.close(slave)
+            slave = -1
+            out = b""
+            while True:
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO once the terminal has no writer left
+                    break
+                if not chunk:
+                    break
+                out += chunk
+            return out.decode()
+        finally:
+            os.close(master)
+            if slave >= 0:
+                os.close(slave)
+
+    shown = stderr_on_tty("-O", "-p", "lock_nolock", "-j", "2")
+    assert "Writing resource groups: 3/3" in shown
+    assert "Writing journals: 2/2" in shown
+    assert stderr_on_tty("-O", "-q", "-p", "lock_nolock") == ""

@@ -4,7 +4,7 @@ Both tools make an image of the same size; gfs2_edit reads both. Compared: every
 entry (mkfs.gfs2 leaves junk in the pad bytes, which gfs2_edit does not show), the
 superblock's master and root addresses, the journal dinodes, and the block of every
 system dinode, including the per_node files and the hashed directories that small
-blocks and many journals force.
+blocks and many journals force. Our image must also pass fsck.gfs2 -n.
 """
 
 from __future__ import annotations
@@ -13,7 +13,16 @@ from pathlib import Path
 
 import pytest
 
-from .oracle import MIB, dir_entries, gfspy_mkfs, mkfs_gfs2, rindex, sparse_image, system_inode_map
+from .oracle import (
+    MIB,
+    dir_entries,
+    fsck_complaints,
+    gfspy_mkfs,
+    mkfs_gfs2,
+    rindex,
+    sparse_image,
+    system_inode_map,
+)
 
 CONFIGS = [
     # (device bytes, options)
@@ -55,6 +64,8 @@ def test_layout_matches_mkfs_gfs2(tmp_path: Path, size: int, options: list[str])
     assert {"root", "master", "jindex", "per_node", "rindex"} <= set(our_inodes)
     assert sum(name.startswith("jindex/journal") for name in our_inodes) == journals
     assert sum(name.startswith("per_node/") for name in our_inodes) == 3 * journals
+    status, complaints = fsck_complaints(ours)
+    assert status == 0 and complaints == [], complaints
 
 
 @pytest.mark.timeout(60)
