@@ -22,7 +22,9 @@ In-doubt writes (§3.7), the rule implemented here:
   URI) confirmed, or the server listing no session for our connection any more (it
   keeps a session listed until its backend I/O has returned); or the server confirmed
   gone: its control port (or, without a control channel, its NBD port) refuses
-  connections; or, only if configured, `request_lifetime_bound` seconds have passed.
+  connections; or the cluster manager confirms it fenced that server (the optional
+  `fence_server` hook, asked once the control channel fails to answer); or, only if
+  configured, `request_lifetime_bound` seconds have passed.
 * Then the in-doubt requests are reissued on a healthy path in their original order,
   and only then are waiting writes released.
 * If no guarantee comes within `quiesce_timeout`, the in-doubt requests fail with EIO
@@ -54,7 +56,7 @@ from gfspy.blockdev.nbd_session import (
     export_name_for,
     parse_nbd_uri,
 )
-from gfspy.blockdev.quiesce import obtain_quiesce_guarantee
+from gfspy.blockdev.quiesce import FenceServerHook, obtain_quiesce_guarantee
 from gfspy.nbd.wire import Cmd
 
 log = logging.getLogger(__name__)
@@ -88,6 +90,10 @@ class MultipathConfig:
     quiesce_timeout: float = 60.0
     #: Opt-in §3.7 rule 3(c): a declared upper bound on a request's life inside a server.
     request_lifetime_bound: float | None = None
+    #: Opt-in §3.8 content check: the offset of a block that never changes once made
+    #: (65536, GFS2's superblock with its UUID); every path must read the same bytes
+    #: there, at open and on reinstatement, which catches one WWID given to two LUNs.
+    recheck_offset: int | None = None
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
@@ -98,6 +104,8 @@ class MultipathConfig:
             raise ValueError("rr_min_io must be at least 1")
         if self.polling_interval <= 0 or self.io_timeout <= 0:
             raise ValueError("polling_interval and io_timeout must be positive")
+        if self.recheck_offset is not None and self.recheck_offset < 0:
+            raise ValueError("recheck_offset must be >= 0")
         if self.no_path_retry < 0:
             raise ValueError("no_path_retry must be >= 0 (queueing forever is not offered)")
         if isinstance(self.failback, str):
@@ -178,8 +186,12 @@ class MultipathDevice(SubmittingDevice):
         readonly: bool,
         identity: ClientIdentity | None,
         on_fenced: Callable[[str], None] | None = None,
+        fence_server: FenceServerHook | None = None,
+        fingerprint: bytes | None = None,
     ) -> None:
         self.paths = paths
+        self.fingerprint = fingerprint
+        self.fence_server = fence_server
         self.props = props
         self.config = config
         self.size = props.size
@@ -219,6 +231,7 @@ class MultipathDevice(SubmittingDevice):
         readonly: bool = False,
         identity: ClientIdentity | None = None,
         on_fenced: Callable[[str], None] | None = None,
+        fence_server: FenceServerHook | None = None,
     ) -> MultipathDevice:
         """Connect every path; paths that fail now are retried by the checker."""
         config = config or MultipathConfig()
@@ -264,6 +277,7 @@ class MultipathDevice(SubmittingDevice):
                         f"{path.target.uri} is not the same device as "
                         f"{connected[0].target.uri}: {other.describe()} != {props.describe()}",
                     )
+            fingerprint = await _read_fingerprint(connected, props, config)
         except BaseException:
             for path in connected:
                 await path.conn.aclose()  # type: ignore[union-attr]
@@ -272,7 +286,14 @@ class MultipathDevice(SubmittingDevice):
         for path in connected:
             path.state, path.reason, path.ready_since = PathState.ACTIVE, "", now
         device = cls(
-            paths, props, config, readonly=readonly, identity=identity, on_fenced=on_fenced
+            paths,
+            props,
+            config,
+            fingerprint=fingerprint,
+            readonly=readonly,
+            identity=identity,
+            on_fenced=on_fenced,
+            fence_server=fence_server,
         )
         for path in connected:
             device._watch(path)
@@ -484,6 +505,8 @@ class MultipathDevice(SubmittingDevice):
                 quiesce.conn.session_id,
                 quiesce.conn.local_address,
                 control_tls=quiesce.conn.tls_context,
+                fence_server=self.fence_server,
+                control_timeout=max(2.0, self.config.probe_timeout),
                 timeout=self.config.quiesce_timeout,
                 retry_interval=min(1.0, self.config.polling_interval),
                 lifetime_bound=self.config.request_lifetime_bound,
@@ -584,6 +607,25 @@ class MultipathDevice(SubmittingDevice):
             path.reason = reason
             await conn.aclose()
             return
+        if self.fingerprint is not None and self.config.recheck_offset is not None:
+            try:
+                content = await conn.submit(
+                    Cmd.READ,
+                    self.config.recheck_offset,
+                    self.block_size,
+                    timeout=self.config.probe_timeout,
+                )
+            except DeviceError as e:
+                path.reason = f"recheck read failed: {e.strerror}"
+                await conn.aclose()
+                return
+            if content != self.fingerprint:
+                reason = f"content at {self.config.recheck_offset} differs: another LUN; refused"
+                if path.reason != reason:
+                    log.error("%s: path %s refused: %s", self.name, path.target.server, reason)
+                path.reason = reason
+                await conn.aclose()
+                return
         if self._closed or self.fenced is not None:
             await conn.aclose()
             return
@@ -675,3 +717,29 @@ def _group_status(index: int, group: list[Path], active: int) -> str:
     if not any(p.usable for p in group):
         return "failed"
     return "active" if index == active else "enabled"
+
+
+async def _read_fingerprint(
+    connected: list[Path], props: ExportProperties, config: MultipathConfig
+) -> bytes | None:
+    """Read the recheck block through every path; they must all agree (§3.8)."""
+    if config.recheck_offset is None:
+        return None
+    offset = config.recheck_offset
+    if offset % props.block_size or offset + props.block_size > props.size:
+        raise DeviceError(errno.EINVAL, f"recheck_offset {offset} is not a block of the device")
+    first: bytes | None = None
+    for path in connected:
+        assert path.conn is not None
+        content = await path.conn.submit(
+            Cmd.READ, offset, props.block_size, timeout=config.io_timeout
+        )
+        if first is None:
+            first = content
+        elif content != first:
+            raise DeviceError(
+                errno.EINVAL,
+                f"{path.target.uri} reads different content at {offset} than "
+                f"{connected[0].target.uri}: not the same device despite the same WWID",
+            )
+    return first

@@ -29,7 +29,7 @@ from gfspy.blockdev.nbd_session import (
     parse_description,
     parse_nbd_uri,
 )
-from gfspy.blockdev.quiesce import obtain_quiesce_guarantee
+from gfspy.blockdev.quiesce import FenceServerHook, obtain_quiesce_guarantee
 from gfspy.nbd.wire import Cmd, CmdFlag, TransmissionFlag
 
 __all__ = [
@@ -224,7 +224,9 @@ class NbdDevice(SubmittingDevice):
         connect_timeout: float,
         quiesce_timeout: float,
         request_lifetime_bound: float | None,
+        fence_server: FenceServerHook | None = None,
     ) -> None:
+        self.fence_server = fence_server
         self.target = target
         self._conn = conn
         self._identity = identity
@@ -256,6 +258,7 @@ class NbdDevice(SubmittingDevice):
         connect_timeout: float = 10.0,
         quiesce_timeout: float = 60.0,
         request_lifetime_bound: float | None = None,
+        fence_server: FenceServerHook | None = None,
     ) -> NbdDevice:
         try:
             target = uri if isinstance(uri, NbdTarget) else parse_nbd_uri(uri)
@@ -279,6 +282,7 @@ class NbdDevice(SubmittingDevice):
             connect_timeout=connect_timeout,
             quiesce_timeout=quiesce_timeout,
             request_lifetime_bound=request_lifetime_bound,
+            fence_server=fence_server,
         )
 
     @property
@@ -395,6 +399,8 @@ class NbdDevice(SubmittingDevice):
                 old.session_id,
                 old.local_address,
                 control_tls=old.tls_context,
+                fence_server=self.fence_server,
+                control_timeout=max(2.0, self.io_timeout),
                 timeout=self.quiesce_timeout,
                 retry_interval=1.0,
                 lifetime_bound=self.request_lifetime_bound,

@@ -8,6 +8,9 @@ server later. It may be reissued elsewhere only once that cannot happen any more
   a session it no longer has, which it drops only after its I/O returned); or
 * the server is confirmed gone: its control port (or, for a server without a control
   channel, its NBD port) actively refuses connections; or
+* the cluster manager confirms it fenced the *server* (power, or SCSI-3 PR preempt and
+  abort): asked through the optional `fence_server` hook once the control channel has
+  failed to answer; or
 * only when configured, a declared upper bound on a request's lifetime in the server
   has passed since the failure.
 """
@@ -17,7 +20,7 @@ from __future__ import annotations
 import errno
 import logging
 import ssl
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -30,6 +33,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: Asks the cluster manager to fence a whole server (by address); True once confirmed.
+FenceServerHook = Callable[[str], Awaitable[bool]]
+
 
 async def obtain_quiesce_guarantee(
     target: NbdTarget,
@@ -41,17 +47,30 @@ async def obtain_quiesce_guarantee(
     control_tls: ssl.SSLContext | None = None,
     lifetime_bound: float | None,
     is_fenced: Callable[[], bool],
+    fence_server: FenceServerHook | None = None,
+    control_timeout: float = 5.0,
 ) -> str | None:
     """Return how the old session is known drained, or None if that cannot be shown."""
     start = trio.current_time()
     pause = min(0.05, retry_interval)  # a dying server refuses within moments: retry soon
+    escalated = False
     while trio.current_time() - start < timeout and not is_fenced():
         remaining = timeout - (trio.current_time() - start)
         how = await _try_quiesce(
-            target, session_id, local_address, min(remaining, 10.0), control_tls
+            target, session_id, local_address, min(remaining, control_timeout), control_tls
         )
         if how is not None:
             return how
+        if fence_server is not None and not escalated:
+            escalated = True  # ask once; the cluster manager retries and escalates itself
+            log.warning(
+                "%s: session not confirmed drained; asking to fence the server", target.server
+            )
+            try:
+                if await fence_server(target.server):
+                    return "server fenced by the cluster manager"
+            except Exception:
+                log.exception("%s: fence_server hook failed", target.server)
         if lifetime_bound is not None and trio.current_time() - start >= lifetime_bound:
             return f"declared request lifetime bound of {lifetime_bound:g}s passed"
         await trio.sleep(pause)

@@ -174,3 +174,33 @@ async def test_frozen_server_in_doubt_write_never_overwrites_a_newer_one(two_ser
     finally:
         await dev.aclose()
     assert image.read_bytes()[10 * BLOCK : 11 * BLOCK] == b"n" * BLOCK
+
+
+@pytest.mark.timeout(60)
+async def test_unreachable_server_is_fenced_through_the_cluster_hook(two_servers, caplog):
+    """§3.7 rule 3(b): control channel silent too, so the server itself gets fenced."""
+    import signal
+
+    image, a, b = two_servers
+    fenced: list[str] = []
+
+    async def fence_server(server: str) -> bool:
+        # Stands in for the cluster manager's power fence of the whole server.
+        fenced.append(server)
+        await trio.to_thread.run_sync(a.kill)
+        return True
+
+    config = MultipathConfig(
+        polling_interval=5.0, checker_timeout=1.0, io_timeout=1.0, quiesce_timeout=30
+    )
+    dev = await MultipathDevice.open([a.uri(), b.uri()], config, fence_server=fence_server)
+    try:
+        a.proc.send_signal(signal.SIGSTOP)  # data and control channel both frozen
+        await dev.write(3 * BLOCK, b"k" * BLOCK)  # in doubt on A, then reissued on B
+        assert fenced == [f"127.0.0.1:{a.port}"]
+        assert "server fenced by the cluster manager" in caplog.text
+        await dev.flush()
+    finally:
+        a.proc.send_signal(signal.SIGCONT)
+        await dev.aclose()
+    assert image.read_bytes()[3 * BLOCK : 4 * BLOCK] == b"k" * BLOCK

@@ -218,3 +218,35 @@ async def test_load_aware_selectors_avoid_a_slow_path(tmp_path, selector):
     finally:
         stop(slow)
         stop(fast)
+
+
+@pytest.mark.timeout(60)
+async def test_recheck_catches_one_wwid_given_to_two_luns(servers, tmp_path):
+    image, start = servers
+    other = make_image(tmp_path / "other.img", 8 * MiB)
+    with open(image, "r+b") as f:
+        f.seek(65536)
+        f.write(b"superblock of the real LUN".ljust(4096, b"\0"))
+    with open(other, "r+b") as f:
+        f.seek(65536)
+        f.write(b"superblock of another LUN".ljust(4096, b"\0"))
+    a = start("a")
+    liar = start("b", img=other)  # same WWID, same size: only the content tells
+    uris = [a.uri(), liar.uri()]
+    with pytest.raises(DeviceError) as e:
+        await MultipathDevice.open(uris, MultipathConfig(recheck_offset=65536))
+    assert e.value.errno == errno.EINVAL and "despite the same WWID" in e.value.strerror
+
+    # On reinstatement: path B comes back serving the other file (a swapped cable).
+    b = start("b2")
+    config = MultipathConfig(recheck_offset=65536, polling_interval=0.3)
+    dev = await MultipathDevice.open([a.uri(), b.uri()], config)
+    try:
+        await trio.to_thread.run_sync(b.kill)
+        await wait_for(lambda: not dev.paths[1].usable, 30, "path B failed")
+        b.image = other
+        await trio.to_thread.run_sync(b.start)
+        await wait_for(lambda: "differs" in dev.paths[1].reason, 30, "content refusal")
+        assert not dev.paths[1].usable
+    finally:
+        await dev.aclose()
