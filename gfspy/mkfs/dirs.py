@@ -4,7 +4,8 @@ With small blocks (or many journals) master, jindex and per_node outgrow the din
 and become exhash directories. To land every later dinode where mkfs.gfs2 puts it, the
 directory must overflow, convert and split leaves at the same moments, so this module
 follows libgfs2's placement rules (first-fit dirent slots, a deleted first dirent left
-as an unused sentinel, the new leaf taking the lower half of a split range). What it
+as an unused sentinel, the new leaf taking the lower half of a split range, the hash
+table doubled and moved into JD blocks when a leaf at full depth overflows). What it
 writes is ordinary GFS2 (reference §4): fsck.gfs2 checks it.
 """
 
@@ -27,10 +28,11 @@ from .alloc import Allocator, BlockTree
 
 
 class DirectoryTooLarge(Exception):
-    """A system directory would need a hash table outside its dinode (not supported)."""
+    """A system directory would need chained leaves beyond the deepest hash table
+    (depth 17): far more journals than any cluster has; not supported."""
 
 
-@dataclass(slots=True)
+@dataclass(slots=True, eq=False)  # slots are compared by identity when removed
 class _Slot:
     """One directory entry slot; formal == 0 marks an unused slot (a sentinel)."""
 

@@ -1,5 +1,6 @@
 """gfspy-mkfs on the other kinds of DEVICE: a real block device (a loop device) and an
-NBD export served by nbdkit. Both results are checked by fsck.gfs2."""
+NBD export served by nbdkit, both checked by fsck.gfs2; and the discard step that, as in
+mkfs.gfs2, clears block devices and NBD exports first but never image files."""
 
 from __future__ import annotations
 
