@@ -174,3 +174,17 @@ async def write_log_blocks(
     bs = extents.bsize
     for offset, dev_block, n in extents.device_runs(lblk, len(blocks)):
         await device.write(dev_block * bs, b"".join(blocks[offset : offset + n]))
+
+
+async def write_home_blocks(device: Device, bsize: int, images: dict[int, bytes]) -> None:
+    """Write block images to their home (in-place) addresses, one I/O per run of
+    adjacent blocks (capped at 1 MiB-ish), in block order."""
+    order = sorted(images)
+    limit = max(1, (1 << 20) // bsize)
+    i = 0
+    while i < len(order):
+        j = i + 1
+        while j < len(order) and order[j] == order[j - 1] + 1 and j - i < limit:
+            j += 1
+        await device.write(order[i] * bsize, b"".join(images[b] for b in order[i:j]))
+        i = j

@@ -38,6 +38,7 @@ from gfspy.journal.extent import (
     JournalLayoutError,
     map_journal,
     read_log_blocks,
+    write_home_blocks,
     write_log_blocks,
 )
 from gfspy.journal.layout import LogBody, build_log_body, build_log_header, log_blocks_needed
@@ -249,17 +250,7 @@ class Journal:
         await write_log_blocks(self.device, self.extents, position % self._size, blocks)
 
     async def _write_in_place(self, images: dict[int, bytes]) -> None:
-        """Write block images to their home addresses, merging adjacent blocks."""
-        bs = self.bsize
-        order = sorted(images)
-        i = 0
-        while i < len(order):
-            j = i + 1
-            while j < len(order) and order[j] == order[j - 1] + 1 and j - i < 256:
-                j += 1
-            data = b"".join(images[b] for b in order[i:j])
-            await self.device.write(order[i] * bs, data)
-            i = j
+        await write_home_blocks(self.device, self.bsize, images)
 
     async def _write_header(self, flags: int, *, tail: int | None = None) -> None:
         """Write the next log header at the head and flush it."""

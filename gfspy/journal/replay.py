@@ -28,6 +28,7 @@ from gfspy.journal.extent import (
     JournalExtents,
     map_journal,
     read_log_blocks,
+    write_home_blocks,
     write_log_blocks,
 )
 from gfspy.journal.layout import build_log_body, build_log_header
@@ -173,12 +174,20 @@ async def replay_journal(
     for target in latest:
         if target >= dev_blocks:
             raise ReplayError(f"{jname}: logged block {target} is beyond the device")
-    for target in sorted(latest):
-        copy = latest[target]
-        (block,) = await read_log_blocks(device, extents, (tail + copy.offset) % size, 1)
-        if copy.jdata:
-            block = unescape_jdata(block, copy.escaped)
-        await device.write(target * bsize, block)
+    # Read the log in windows, in log order, and send each surviving copy home.
+    by_offset = sorted(latest.values(), key=lambda c: c.offset)
+    i = 0
+    while i < len(by_offset):
+        start = by_offset[i].offset
+        end = min(start + _READ_BATCH, region)
+        window = await read_log_blocks(device, extents, (tail + start) % size, end - start)
+        home: dict[int, bytes] = {}
+        while i < len(by_offset) and by_offset[i].offset < end:
+            copy = by_offset[i]
+            block = window[copy.offset - start]
+            home[copy.target] = unescape_jdata(block, copy.escaped) if copy.jdata else block
+            i += 1
+        await write_home_blocks(device, bsize, home)
     result.blocks_written = len(latest)
     await device.flush()
     clean_pos = (head.position + 1) % size

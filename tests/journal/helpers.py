@@ -17,6 +17,7 @@ from gfspy.journal.extent import JournalExtents, map_journal
 from gfspy.journal.locate import JournalFiles, locate_journal, lookup, read_superblock
 from gfspy.ondisk.constants import BLKST_FREE, DINODE_SIZE, METATYPE_IN, RINDEX_ENTRY_SIZE
 from gfspy.ondisk.dinode import Dinode
+from gfspy.ondisk.indirect import unpack_pointers
 from gfspy.ondisk.meta import MetaHeader
 from gfspy.ondisk.rgrp import RindexEntry, extract_bitmap, get_state
 
@@ -25,14 +26,18 @@ BSIZE = 4096
 
 
 def make_image(
-    path: Path, size_mib: int = IMAGE_MIB, journals: int = 1, tool: str = "mkfs.gfs2"
+    path: Path,
+    size_mib: int = IMAGE_MIB,
+    journals: int = 1,
+    tool: str = "mkfs.gfs2",
+    bsize: int = BSIZE,
 ) -> Path:
     """A fresh lock_nolock filesystem made by the real mkfs.gfs2 (or by gfspy-mkfs)."""
     with open(path, "wb") as f:
         f.truncate(size_mib << 20)
     command = ["mkfs.gfs2"] if tool == "mkfs.gfs2" else [sys.executable, "-m", "gfspy.mkfs"]
     subprocess.run(
-        [*command, "-O", "-p", "lock_nolock", "-b", str(BSIZE), "-j", str(journals), str(path)],
+        [*command, "-O", "-p", "lock_nolock", "-b", str(bsize), "-j", str(journals), str(path)],
         check=True,
         capture_output=True,
         timeout=60,
@@ -91,10 +96,10 @@ def replay_counts(output: str) -> tuple[tuple[int, int], tuple[int, int]]:
     return (int(meta[1]), int(meta[2])), (int(jdata[1]), int(jdata[2]))
 
 
-def read_block(path: Path, blkno: int) -> bytes:
+def read_block(path: Path, blkno: int, bsize: int = BSIZE) -> bytes:
     with open(path, "rb") as f:
-        f.seek(blkno * BSIZE)
-        return f.read(BSIZE)
+        f.seek(blkno * bsize)
+        return f.read(bsize)
 
 
 async def open_device(path: Path) -> LocalDevice:
@@ -124,17 +129,22 @@ def touched_root(image: bytes, mode: int, mtime: int) -> bytes:
 async def last_rgrp(device: Device) -> tuple[RindexEntry, list[bytes]]:
     """The last resource group's rindex entry and its RG/RB blocks."""
     sb = await read_superblock(device)
-    rindex_addr = await lookup(device, BSIZE, sb.master_dir.addr, "rindex")
+    bs = sb.bsize
+    rindex_addr = await lookup(device, bs, sb.master_dir.addr, "rindex")
     assert rindex_addr is not None
-    raw = await device.read(rindex_addr * BSIZE, BSIZE)
+    raw = await device.read(rindex_addr * bs, bs)
     di = Dinode.unpack(raw)
-    assert di.height == 0, "test images keep rindex stuffed"
+    if di.height == 0:
+        data = raw[DINODE_SIZE:]
+    else:  # small blocks: rindex spills into data blocks
+        assert di.height == 1, "test images keep rindex within one tree level"
+        ptrs = [p for p in unpack_pointers(raw, DINODE_SIZE, (bs - DINODE_SIZE) // 8) if p]
+        data = b"".join([await device.read(p * bs, bs) for p in ptrs])
     entries = [
-        RindexEntry.unpack(raw, DINODE_SIZE + i * RINDEX_ENTRY_SIZE)
-        for i in range(di.size // RINDEX_ENTRY_SIZE)
+        RindexEntry.unpack(data, i * RINDEX_ENTRY_SIZE) for i in range(di.size // RINDEX_ENTRY_SIZE)
     ]
     rg = entries[-1]
-    blocks = [await device.read(b * BSIZE, BSIZE) for b in range(rg.addr, rg.addr + rg.length)]
+    blocks = [await device.read(b * bs, bs) for b in range(rg.addr, rg.addr + rg.length)]
     return rg, blocks
 
 
@@ -142,7 +152,7 @@ async def free_blocks(device: Device, count: int, spacing: int = 2) -> list[int]
     """`count` blocks the bitmaps of the last rgrp mark free, `spacing` apart (so
     in-place writes of them are separate I/Os)."""
     rg, blocks = await last_rgrp(device)
-    bitmap = extract_bitmap(blocks, BSIZE, rg.bitbytes)
+    bitmap = extract_bitmap(blocks, len(blocks[0]), rg.bitbytes)
     found: list[int] = []
     n = rg.data - 1
     while len(found) < count and n >= 0:
@@ -155,16 +165,16 @@ async def free_blocks(device: Device, count: int, spacing: int = 2) -> list[int]
     return sorted(found)
 
 
-def metadata_block(blkno: int, tag: int) -> bytes:
+def metadata_block(blkno: int, tag: int, bsize: int = BSIZE) -> bytes:
     """A recognisable metadata image (IN header, then a pattern naming block and tag)."""
-    body = struct.pack(">QQ", blkno, tag) * ((BSIZE - 24) // 16)
-    return MetaHeader.for_type(METATYPE_IN).pack() + body + bytes(BSIZE - 24 - len(body))
+    body = struct.pack(">QQ", blkno, tag) * ((bsize - 24) // 16)
+    return MetaHeader.for_type(METATYPE_IN).pack() + body + bytes(bsize - 24 - len(body))
 
 
-def data_block(tag: int, *, starts_with_magic: bool = False) -> bytes:
+def data_block(tag: int, *, starts_with_magic: bool = False, bsize: int = BSIZE) -> bytes:
     """A journaled-data image; with `starts_with_magic` it exercises escaping."""
     head = struct.pack(">I", 0x01161970) if starts_with_magic else b"DATA"
-    return (head + struct.pack(">Q", tag) * ((BSIZE - 4) // 8)).ljust(BSIZE, b"\0")
+    return (head + struct.pack(">Q", tag) * ((bsize - 4) // 8)).ljust(bsize, b"\0")
 
 
 # ---------------------------------------------------------------- crash simulation

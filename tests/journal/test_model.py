@@ -32,7 +32,7 @@ from .helpers import (
     read_block,
 )
 
-STEPS = 500
+STEPS = 400
 CRASH_EVERY = 40
 SEED = 20261125
 
