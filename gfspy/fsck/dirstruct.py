@@ -232,4 +232,10 @@ async def _walk_chain(
             )
             return
         leaf = Leaf.unpack(data)
+        if leaf.depth != chain_depth:
+            report.problem(
+                "directory",
+                f"{ino.label} leaf {nxt}",
+                f"chained leaf has lf_depth {leaf.depth}, its chain's first leaf has {chain_depth}",
+            )
         blockno = nxt

@@ -97,6 +97,12 @@ def _judge(fsck: Fsck, name: str, ino: Inode, scan: JournalScan) -> None:
         report.problem("journal", where, "no valid log header; the head cannot be found")
         return
     dev = _device_block(runs, head.position)
+    if head.tail >= scan.blocks:
+        report.problem(
+            "journal",
+            f"{name} block {dev}",
+            f"head's lh_tail {head.tail} is outside the {scan.blocks}-block journal",
+        )
     if not head.clean:
         report.problem(
             "dirty journal",

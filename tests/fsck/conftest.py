@@ -4,12 +4,16 @@ gfspy-fsck (as a subprocess, the way users run it) and for fsck.gfs2 (the oracle
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+
+from gfspy.fsck.cli import main
 
 from .corrupt import Image
 from .populate import Populated, populate
@@ -54,6 +58,16 @@ def run_fsck(*args: str | Path, timeout: float = 120) -> subprocess.CompletedPro
         timeout=timeout,
         cwd=REPO,
     )
+
+
+def run_fsck_here(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    """gfspy-fsck's main() in this process, output captured: the same code as the
+    command without an interpreter start per call, for the many fault tests."""
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        status = main(argv)
+    return subprocess.CompletedProcess(argv, status, out.getvalue(), err.getvalue())
 
 
 def run_fsck_gfs2(path: Path) -> subprocess.CompletedProcess[str]:

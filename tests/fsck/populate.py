@@ -1,6 +1,6 @@
 """Adds files to a fresh mkfs.gfs2 image (4 KiB blocks) with gfspy.ondisk encoders, so
 the checker meets what mkfs never writes: exhash directories (hash table stuffed and
-in JD blocks), leaves, hard links, height-1 and height-2 files, xattrs (stuffed and
+in JD blocks), leaves and a leaf chain, hard links, height-1 and height-2 files, xattrs (stuffed and
 EA-indirect with ED blocks), a symlink, a device node and a subdirectory.
 
 fsck.gfs2 -n accepts the result (the tests check that first), so any complaint from
@@ -55,6 +55,7 @@ class Populated:
     many_leaves: list[int] = field(default_factory=list)
     hashed: int = 0  # exhash dir, table in JD blocks
     hashed_jd: list[int] = field(default_factory=list)
+    hashed_chain: int = 0  # a leaf reached only through lf_next
     big: int = 0  # height-2 file
     big_in: list[int] = field(default_factory=list)
     small: int = 0  # height-1 file with a stuffed xattr
@@ -165,14 +166,15 @@ def populate(image: Image) -> Populated:
     linked = files[:20]
     entries = [Dirent.make(b".", hashed.inum, DT_DIR), Dirent.make(b"..", root.inum, DT_DIR)]
     entries += [_dirent(b"link-" + n, d) for n, d in linked]
-    leaves = _exhash(p, hashed, entries, depth=10, leaf_depth=1)
+    chain: list[int] = []
+    leaves = _exhash(p, hashed, entries, depth=10, leaf_depth=1, chain=chain)
     table = _table(leaves, 10, 1)
     jbsize = p.geo.jbsize
     jd = [p.alloc() for _ in range(-(-len(table) // jbsize))]
     for k, b in enumerate(jd):
         p.put(b, pack_jd_block(bs, table[k * jbsize : (k + 1) * jbsize]))
-    out.hashed, out.hashed_jd = hashed.addr, jd
-    hashed.blocks = 1 + len(jd) + len(leaves)
+    out.hashed, out.hashed_jd, out.hashed_chain = hashed.addr, jd, chain[0]
+    hashed.blocks = 1 + len(jd) + len(leaves) + len(chain)
     p.put(hashed.addr, hashed.pack_block(bs, pack_pointers(jd)))
     new_root_entries.append(_dirent(b"hashed", hashed))
     subdirs += 1
@@ -256,19 +258,36 @@ def populate(image: Image) -> Populated:
 
 
 def _exhash(
-    p: Populator, di: Dinode, entries: list[Dirent], depth: int, leaf_depth: int
+    p: Populator,
+    di: Dinode,
+    entries: list[Dirent],
+    depth: int,
+    leaf_depth: int,
+    chain: list[int] | None = None,
 ) -> list[int]:
-    """Write 2**leaf_depth leaves holding `entries` by hash; set depth, size, entries."""
+    """Write 2**leaf_depth leaves holding `entries` by hash; set depth, size, entries.
+
+    With `chain` (a list to fill), the first leaf's second half of entries moves to a
+    chained leaf (lf_next), whose block is appended to `chain`.
+    """
     bs = p.bs
     groups: list[list[Dirent]] = [[] for _ in range(1 << leaf_depth)]
     for d in entries:
         groups[hash_index(name_hash(d.name), depth) >> (depth - leaf_depth)].append(d)
     leaves = []
-    for group in groups:
+    for index, group in enumerate(groups):
         b = p.alloc()
-        leaf = Leaf(depth=leaf_depth, entries=len(group), next=0, inode=di.addr, dist=1)
-        area = pack_dirents(group, bs - LEAF_HEADER_SIZE)
-        p.put(b, leaf.pack_block(bs, area))
+        here, moved = group, []
+        nxt = 0
+        if chain is not None and index == 0:
+            half = len(group) // 2
+            here, moved = group[:half], group[half:]
+            nxt = p.alloc()
+            chained = Leaf(depth=leaf_depth, entries=len(moved), inode=di.addr, dist=2)
+            p.put(nxt, chained.pack_block(bs, pack_dirents(moved, bs - LEAF_HEADER_SIZE)))
+            chain.append(nxt)
+        leaf = Leaf(depth=leaf_depth, entries=len(here), next=nxt, inode=di.addr, dist=1)
+        p.put(b, leaf.pack_block(bs, pack_dirents(here, bs - LEAF_HEADER_SIZE)))
         leaves.append(b)
     di.depth = depth
     di.size = 8 << depth

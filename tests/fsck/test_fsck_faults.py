@@ -13,7 +13,7 @@ import pytest
 
 from gfspy.ondisk.journal import LogHeader
 
-from .conftest import run_fsck, run_fsck_gfs2
+from .conftest import run_fsck_gfs2, run_fsck_here
 from .corrupt import Image, image_digest
 
 
@@ -85,7 +85,7 @@ def test_single_field_corruption_is_named(fault: Fault, fresh_image: Path) -> No
         assert re.search(fault.oracle, oracle.stdout + oracle.stderr), oracle.stdout
     before = image_digest(fresh_image)
 
-    result = run_fsck("-n", fresh_image)
+    result = run_fsck_here("-n", fresh_image)
 
     assert result.returncode == 4, result.stdout + result.stderr
     pattern = fault.expect.replace("{block}", str(block))
@@ -103,7 +103,7 @@ def test_bad_lh_crc_names_journal_block(fresh_image: Path) -> None:
     assert not LogHeader.verify(image.read(block))
     before = image_digest(fresh_image)
 
-    result = run_fsck("-n", fresh_image)
+    result = run_fsck_here("-n", fresh_image)
 
     assert result.returncode == 4, result.stdout + result.stderr
     assert re.search(
@@ -123,7 +123,7 @@ def test_dirty_journal_is_an_error(fresh_image: Path) -> None:
     assert 'Journal #2 ("journal1") is dirty' in oracle.stdout + oracle.stderr
     before = image_digest(fresh_image)
 
-    result = run_fsck("-n", fresh_image)
+    result = run_fsck_here("-n", fresh_image)
 
     assert result.returncode == 4, result.stdout + result.stderr
     assert f"journal1: dirty (head at block {head_block}, seq {seq}); replay needed" in (
@@ -140,7 +140,7 @@ def test_several_faults_are_all_reported(fresh_image: Path) -> None:
     rgrp = image.add_rg_free(0, 3)
     before = image_digest(fresh_image)
 
-    result = run_fsck("-n", fresh_image)
+    result = run_fsck_here("-n", fresh_image)
 
     assert result.returncode == 4
     assert re.search(rf"^inode {root} \(root\): link count is 7", result.stdout, re.M)
@@ -156,7 +156,7 @@ def test_statfs_change_left_over_on_a_clean_journal(fresh_image: Path) -> None:
     block = Image(fresh_image).set_statfs_change(1, 0, -5, 2)
     before = image_digest(fresh_image)
 
-    result = run_fsck("-n", fresh_image)
+    result = run_fsck_here("-n", fresh_image)
 
     assert result.returncode == 4, result.stdout + result.stderr
     assert result.stdout.splitlines()[0] == (

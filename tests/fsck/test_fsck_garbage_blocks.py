@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_fsck
+from .conftest import run_fsck_here
 from .corrupt import Image, image_digest
 from .populate import Populated
 
@@ -47,7 +47,7 @@ def test_random_block_is_named(kind: str, populated_image: tuple[Path, Populated
     im.write(block, random.Random(kind).randbytes(im.bsize))
     before = image_digest(image)
 
-    result = run_fsck("-n", image)
+    result = run_fsck_here("-n", image)
 
     assert result.returncode == 4, result.stdout + result.stderr
     assert result.stderr == ""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import run_fsck, run_fsck_gfs2
+from .conftest import run_fsck_gfs2, run_fsck_here
 from .corrupt import Image, image_digest
 from .populate import Populated
 
@@ -26,7 +26,7 @@ def test_populated_image_is_clean(populated_image: tuple[Path, Populated]) -> No
     image, _ = populated_image
     assert run_fsck_gfs2(image).returncode == 0
     before = image_digest(image)
-    result = run_fsck("-n", "-v", image)
+    result = run_fsck_here("-n", "-v", image)
     assert result.returncode == 0, result.stdout
     assert "pass1: 325 dinodes to check" in result.stdout
     assert result.stdout.splitlines()[-1] == f"{image}: clean, no problems found"
@@ -106,6 +106,11 @@ def _orphan(im: Image, p: Populated) -> dict[str, int]:
     return {"inner": inner, "target": target}
 
 
+def _chained_lf_entries(im: Image, p: Populated) -> dict[str, int]:
+    im.add_u16(p.hashed_chain, LEAF_ENTRIES, -1)
+    return {"dir": p.hashed, "leaf": p.hashed_chain}
+
+
 def _unreachable_dir(im: Image, p: Populated) -> dict[str, int]:
     """Root's entry 'sub' now names the directory 'many': sub is cut off from the
     tree and many has two parents."""
@@ -152,6 +157,12 @@ FAULTS = [
     Fault(
         "lf_entries",
         _lf_entries,
+        r"^inode {dir} leaf {leaf}: lf_entries is \d+ but the leaf has \d+ entries$",
+        r"Leaf {leaf} \(0x[0-9a-f]+\) entry count in directory {dir} .* does not match",
+    ),
+    Fault(
+        "chained_leaf_lf_entries",
+        _chained_lf_entries,
         r"^inode {dir} leaf {leaf}: lf_entries is \d+ but the leaf has \d+ entries$",
         r"Leaf {leaf} \(0x[0-9a-f]+\) entry count in directory {dir} .* does not match",
     ),
@@ -221,7 +232,7 @@ def test_fault_in_populated_image(fault: Fault, populated_image: tuple[Path, Pop
         assert re.search(want, oracle.stdout + oracle.stderr), oracle.stdout + oracle.stderr
     before = image_digest(image)
 
-    result = run_fsck("-n", image)
+    result = run_fsck_here("-n", image)
 
     assert result.returncode == 4, result.stdout + result.stderr
     pattern = fault.expect.format(**values)
