@@ -43,7 +43,7 @@ CLEAN_LINE = re.compile(
     r"^(Initializing fsck|Validating resource group index\."
     r"|Level 1 resource group check: Checking if all rgrp and rindex values are good\."
     r"|\(level 1 passed\)|Starting (pass\w+|check_statfs)|Reconciling bitmaps\."
-    r"|\w+ completed in [0-9.]+s|fsck\.gfs2 complete)$"
+    r"|\w+ completed in [0-9.]+s|fsck\.gfs2 complete|\d+ percent complete\.)$"
 )
 
 BIG_XATTR = bytes(range(256)) * 40  # 10240 bytes: three ED blocks at 4 KiB
