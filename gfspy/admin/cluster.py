@@ -12,6 +12,7 @@ import glob
 import json
 import os
 import sys
+import textwrap
 import time
 from typing import Any
 
@@ -99,6 +100,10 @@ def format_status(s: dict[str, Any]) -> str:
         + ("stopped" if rec["stopped"] else f"running (view {rec['started_epoch']})")
         + (f"; waiting for {rec['waiting_for']}" if rec["waiting_for"] else "")
     )
+    if s.get("lockspaces"):
+        lines.append("lockspaces: " + ", ".join(s["lockspaces"]))
+    for problem in s.get("fence_self_test", []):
+        lines.append(f"FENCE PATH BROKEN: {problem}")
     lines.append("members:")
     for m in s["members"]:
         lines.append(
@@ -199,15 +204,21 @@ def cmd_fence_ack(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _wrap(text: str) -> str:
+    return textwrap.fill(text, 78)
+
+
 def register(subparsers: Any) -> None:
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = subparsers.add_parser(
         "status",
         help="members, view epoch, quorum, fencing",
-        description="Show this node's view of the cluster: members and whether they are "
-        "heard, the view epoch, quorum, what recovery waits for, outstanding "
-        "fences and the fence history.",
+        description=_wrap(
+            "Show this node's view of the cluster: members and whether they are "
+            "heard, the view epoch, quorum, what recovery waits for, outstanding "
+            "fences and the fence history."
+        ),
         epilog=EXIT_EPILOG,
         formatter_class=fmt,
     )
@@ -218,8 +229,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "lockdump",
         help="resources, masters and queues of a lockspace",
-        description="Dump a DLM lockspace as this node sees it: each resource, its master, "
-        "its granted/convert/waiting queues and its LVB state.",
+        description=_wrap(
+            "Dump a DLM lockspace as this node sees it: each resource, its master, "
+            "its granted/convert/waiting queues and its LVB state."
+        ),
         epilog=EXIT_EPILOG,
         formatter_class=fmt,
     )
@@ -231,11 +244,13 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "fence-ack",
         help="acknowledge by hand that a failed node is fenced",
-        description="Tell the cluster that NODE (id or name) has been fenced by hand (it is "
-        "off, or cut off from the storage). Recovery of a node whose fence "
-        "method is 'manual' waits for this. The acknowledgement is recorded "
-        "in the fence history like any fence. Asks for confirmation unless "
-        "--yes is given.",
+        description=_wrap(
+            "Tell the cluster that NODE (id or name) has been fenced by hand (it is "
+            "off, or cut off from the storage). Recovery of a node whose fence "
+            "method is 'manual' waits for this. The acknowledgement is recorded "
+            "in the fence history like any fence. Asks for confirmation unless "
+            "--yes is given."
+        ),
         epilog=EXIT_EPILOG + "\n  (declining the confirmation exits 1)",
         formatter_class=fmt,
     )

@@ -263,6 +263,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             f"  {s['session_id']:<12} node {s['node']} inc {s['incarnation'] or '-'} "
             f"peer {s['peer']} export {s['export']} in-flight {s['in_flight']} "
             f"queued {s['queued']}{' FENCING' if s['fencing'] else ''}"
+            f"{' CLOSING' if s.get('closing') else ''}"
             f"{'' if s['authenticated'] else ' (unauthenticated)'}"
         )
     print("fence table:")

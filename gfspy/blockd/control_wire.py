@@ -3,7 +3,19 @@
 Sans-IO so that the server and the client (and tests) share one decoder.  A request is
 ``{"op": NAME, ...arguments}``; a response always carries ``"status"``: ``OK``,
 ``CONFIRMED``, ``FAILED`` (with ``"reason"``) or ``ERROR`` (with ``"reason"``: the
-request itself was bad).
+request itself was bad, or contradicts the fence table).
+
+Operations (incarnations are integers, or hexadecimal strings):
+
+- ``FENCE {node, incarnation (None or "all" = every one), epoch}`` -> ``CONFIRMED
+  {sessions_closed: [ids]}`` once the ban is on disk and the node's I/O drained and its
+  connections closed; ``FAILED {reason}`` otherwise (drain deadline, disk error).
+- ``ADMIT {node, incarnation, epoch}`` -> ``OK``; ``ERROR`` for an epoch older than the
+  node's last fence, or for an incarnation that was itself fenced.
+- ``UNFENCE {node, epoch (optional; absent = operator override)}`` -> ``OK`` | ``ERROR``.
+- ``SESSION_FENCE {session_id}`` -> ``CONFIRMED`` | ``FAILED``: the same drain for one
+  connection, without a ban (the id is in the export description, ``session=ID``).
+- ``STATUS {}`` -> ``OK {server, fence_table, sessions, exports}``.
 """
 
 from __future__ import annotations

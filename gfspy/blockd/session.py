@@ -1,10 +1,11 @@
 """One NBD connection: handshake, identity binding, and pipelined transmission.
 
-A session drives the sans-IO `ServerConnection` over a trio stream.  Requests run as
-tasks so that many are in flight and replies leave in completion order.  For fencing a
-session counts the backend operations it has *dispatched*: once `fencing` is set no new
-operation is dispatched (the client gets EPERM), and `wait_drained` returns when the
-last dispatched one has come back from the kernel.
+A session drives the sans-IO `ServerConnection` over a trio stream.  The trio thread
+only parses; each request then runs in an I/O worker thread, which also queues its
+reply, so many requests are in flight and replies leave in completion order.  For
+fencing a session counts the backend operations it has *dispatched*: once `fencing` is
+set no further operation starts (the client gets EPERM, also for jobs still queued),
+and `wait_drained` returns when the last one started has come back from the kernel.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 RECEIVE_SIZE = 1024 * 1024
-MAX_IN_FLIGHT = 64  # requests of one connection being executed at once
+MAX_IN_FLIGHT = 64  # requests of one connection admitted and not yet answered
+MAX_IN_FLIGHT_BYTES = 64 * 1024 * 1024  # and the READ/WRITE data they may hold
 HANDSHAKE_TIMEOUT = 60.0  # a client must finish option haggling within this
 FINISH_TIMEOUT = 30.0  # after DISC or EOF, how long outstanding replies may take
 _NO_LIMIT = trio.CapacityLimiter(math.inf)  # the writer thread lives as long as the session
@@ -63,6 +65,7 @@ class Session:
         self.export: Export | None = None
         self.started = time.time()
         self.fencing = False  # read by worker threads: set it, never clear it
+        self.stopped = False  # the connection is gone: queued requests must not start
         self.requests = 0
         self.bytes_read = 0
         self.bytes_written = 0
@@ -71,6 +74,7 @@ class Session:
         # requests admitted whose reply is not yet written (what bounds memory).
         self._dispatched = SharedCounter()
         self._in_flight = SharedCounter()
+        self._in_flight_bytes = SharedCounter()  # READ/WRITE data held for them
         self._stats_lock = threading.Lock()
         self._cancel = trio.CancelScope()
         self._refused_fenced = 0
@@ -113,6 +117,7 @@ class Session:
             "authenticated": self.authenticated,
             "export": None if self.export is None else self.export.name,
             "fencing": self.fencing,
+            "closing": self.stopped,
             "in_flight": self.dispatched,
             "queued": self._in_flight.value - self.dispatched,  # waiting to run or be sent
             "requests": self.requests,
@@ -140,10 +145,20 @@ class Session:
         except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as e:
             log.info("session %s from %s: connection lost: %s", self.id, self.peer, e)
         finally:
-            self.server.unregister(self)
+            # Requests still queued for a worker will never start now; those already
+            # started are waited for before the session leaves the registry, so that a
+            # FENCE or SESSION_FENCE arriving meanwhile still finds and drains them.
+            self.stopped = True
             quiet = contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError)
             with trio.CancelScope(shield=True), trio.move_on_after(5), quiet:
                 await self.stream.aclose()
+            if self.dispatched:
+                log.info(
+                    "session %s: waiting for %d operations to return", self.id, self.dispatched
+                )
+            with trio.CancelScope(shield=True):
+                await self._dispatched.wait_at_most(0)
+            self.server.unregister(self)
             self.closed.set()
             log.info("session %s from %s (node %s): closed", self.id, self.peer, self.node)
 
@@ -319,32 +334,42 @@ class Session:
                     functools.partial(trio.to_thread.run_sync, writer.run, limiter=_NO_LIMIT)
                 )
             try:
-                await self._serve_requests(conn)
-                # Answer what is still running (DISC: "finish outstanding requests").
-                with trio.move_on_after(FINISH_TIMEOUT):
-                    await self._in_flight.wait_at_most(0)
+                soft = await self._serve_requests(conn)
+                # After DISC, answer what is still running ("finish outstanding
+                # requests"), but not forever for a client that stopped reading.
+                # After EOF or an error nobody is listening: drop it all.
+                finished = False
+                if soft:
+                    with trio.move_on_after(FINISH_TIMEOUT):
+                        await self._in_flight.wait_at_most(0)
+                        finished = True
+                    if not finished:
+                        log.warning("session %s: replies unsent after %gs", self.id, FINISH_TIMEOUT)
             except BaseException:
                 writer.finish(abort=True)
                 raise
-            writer.finish(abort=False)  # the thread writes what is queued, then ends
+            writer.finish(abort=not finished)
 
     def _writer_broke(self, reason: str) -> None:
         """The connection can take no more replies: end the session."""
         log.info("session %s from %s: cannot send replies: %s", self.id, self.peer, reason)
         self._cancel.cancel()
 
-    async def _serve_requests(self, conn: sp.ServerConnection) -> None:
-        """Read and hand out requests until DISC, EOF or a protocol error."""
+    async def _serve_requests(self, conn: sp.ServerConnection) -> bool:
+        """Read and hand out requests until DISC (True), EOF or a protocol error."""
         while True:
             event = conn.next_event()
             if event is sp.NEED_DATA:
                 if conn.state is sp.State.DONE or not await self._receive_or_eof(conn):
-                    return
+                    return False
                 continue
             if isinstance(event, sp.Command):
                 self.requests += 1
+                cost = _buffer_cost(event.request)
                 await self._in_flight.wait_at_most(MAX_IN_FLIGHT - 1)
+                await self._in_flight_bytes.wait_at_most(max(0, MAX_IN_FLIGHT_BYTES - cost))
                 self._in_flight.add()
+                self._in_flight_bytes.add(cost)
                 self._submit(event.request, event.payload)
             elif isinstance(event, sp.CommandRejected):
                 log.info(
@@ -359,19 +384,18 @@ class Session:
                 self._reply(event.request.cookie, event.error, None)
             elif isinstance(event, sp.DisconnectRequested):
                 log.info("session %s: client sent DISC", self.id)
-                return
+                return True
             elif isinstance(event, sp.ProtocolError):
                 log.warning("session %s: protocol error: %s", self.id, event.reason)
-                return
+                return False
 
     def _submit(self, req: wire.Request, payload: sp.Payload) -> None:
         """Trio thread: refuse now, or count the operation and queue it for a worker."""
         refusal = self._refusal()
         if refusal:
             release_payload(payload)
-            self._reply(req.cookie, refusal, None)
+            self._reply(req.cookie, refusal, None, _buffer_cost(req))
             return
-        self._dispatched.add()  # before the job can possibly run
         self.server.io_pool.submit(functools.partial(self._run_request, req, payload))
 
     def _refusal(self) -> int:
@@ -389,10 +413,13 @@ class Session:
         """Worker thread: run one request and queue its reply."""
         error: int = 0
         data: ReadBuffer | None = None
+        # Count first, then look at the flag: a fence that sets the flag and then sees
+        # no operation counted can be sure none will start.  A job still queued when the
+        # fence began was never dispatched, so it does not hold up the drain; it gets
+        # EPERM when it comes up, without touching the disk.
+        self._dispatched.add()
         try:
-            # Checked again here: a fence that started while this job sat in the queue
-            # means it was never dispatched to the disk, so it must not run at all.
-            if self.fencing:
+            if self.fencing or self.stopped:
                 error = NbdErrno.EPERM
             else:
                 data = self._operation(req, payload)()
@@ -411,18 +438,19 @@ class Session:
                     self.bytes_read += req.length
                 else:
                     self.bytes_written += req.length
-        self._reply(req.cookie, error, data)
+        self._reply(req.cookie, error, data, _buffer_cost(req))
 
-    def _reply(self, cookie: int, error: int, data: ReadBuffer | None) -> None:
+    def _reply(self, cookie: int, error: int, data: ReadBuffer | None, cost: int = 0) -> None:
         """Any thread: hand the reply to the writer; it releases `data` once sent."""
         assert self._writer is not None
         header = wire.encode_simple_reply(error, cookie)
-        done = functools.partial(self._replied, data)
+        done = functools.partial(self._replied, data, cost)
         self._writer.deliver(header, data.view if data is not None else b"", done)
 
-    def _replied(self, data: ReadBuffer | None) -> None:
+    def _replied(self, data: ReadBuffer | None, cost: int) -> None:
         if data is not None:
             data.release()
+        self._in_flight_bytes.sub(cost)
         self._in_flight.sub()
 
     def _operation(self, req: wire.Request, payload: sp.Payload) -> Callable[[], ReadBuffer | None]:
@@ -441,3 +469,8 @@ class Session:
             may_punch = not req.flags & CmdFlag.NO_HOLE
             return lambda: backend.write_zeroes(req.offset, req.length, may_punch, fua)
         raise AssertionError(f"validated command {req.type} has no operation")
+
+
+def _buffer_cost(req: wire.Request) -> int:
+    """Memory a request holds until answered: its WRITE payload or READ data."""
+    return req.length if req.type in (Cmd.READ, Cmd.WRITE) else 0

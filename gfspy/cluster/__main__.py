@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import secrets
@@ -12,7 +13,7 @@ import sys
 import trio
 
 from gfspy.cluster.config import ConfigError, load_config
-from gfspy.cluster.daemon import EXIT_EXPELLED, Expulsion, NodeDaemon
+from gfspy.cluster.daemon import EXIT_EXPELLED, DaemonError, Expulsion, NodeDaemon
 
 log = logging.getLogger("gfspy.cluster")
 
@@ -24,7 +25,8 @@ order on a membership change:
   complete, locking stays stopped and `gfspy status` says what it waits for.
 
 exit status:
-  0  stopped by SIGTERM or SIGINT
+  0  left the cluster on SIGTERM or SIGINT: locking stopped, then the members
+     were told, so they remove this node without fencing it
   1  could not start (heartbeat address or status socket unusable)
   2  bad usage or bad cluster.toml
   3  this node was removed from the cluster (expelled); it must restart, which
@@ -84,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    # `kill -USR1` dumps every thread's stack to stderr: how to see where a wedged
+    # daemon is stuck without stopping it.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     logging.basicConfig(
         level=args.log_level,
         format=f"%(asctime)s node{args.node} %(name)s %(levelname)s %(message)s",
@@ -135,7 +140,9 @@ async def _run(daemon: NodeDaemon) -> int:
 
                 async def stop_on_signal() -> None:
                     async for signum in signals:
-                        log.info("node %d: %s, stopping", node_id, signal.Signals(signum).name)
+                        log.info("node %d: %s, leaving", node_id, signal.Signals(signum).name)
+                        with trio.move_on_after(5):
+                            await daemon.leave()
                         nursery.cancel_scope.cancel()
                         return
 
@@ -146,6 +153,9 @@ async def _run(daemon: NodeDaemon) -> int:
             file=sys.stderr,
         )
         outcome = EXIT_EXPELLED
+    except* DaemonError as group:
+        print(f"gfspy-cluster: node {node_id}: {_leaf(group)}", file=sys.stderr)
+        outcome = 1
     except* OSError as group:
         print(f"gfspy-cluster: node {node_id}: cannot start: {_leaf(group)}", file=sys.stderr)
         outcome = 1

@@ -43,6 +43,10 @@ log = logging.getLogger(__name__)
 EXIT_EXPELLED = 3
 
 
+class DaemonError(Exception):
+    """The daemon cannot go on safely (its state file cannot be written)."""
+
+
 class Expulsion(Exception):
     """This incarnation was removed from the cluster; the process must end."""
 
@@ -83,10 +87,12 @@ class NodeDaemon:
             os.path.join(state_dir, f"{config.name}-node{node_id}.epoch") if state_dir else None
         )
         self._persisted_epoch = 0
+        self._persist_lock = trio.Lock()
         self.lockspace_names = list(dict.fromkeys(lockspaces))
         self.lockspaces: dict[str, Any] = {}
         self.transport: Any = None
         self.expelled: str | None = None
+        self.fence_problems: list[str] = []  # from the start-up self-test
         self.started_at = time.time()
         self._quorum_changed = trio.Event()
         self._fencing_wakeup = trio.Event()
@@ -158,21 +164,28 @@ class NodeDaemon:
 
     async def _persist_epoch(self) -> None:
         """Make the highest acked epoch durable before any ack for it leaves this node."""
-        epoch = self.membership.durable_epoch
-        if not self.state_file or epoch <= self._persisted_epoch:
+        if not self.state_file:
             return
         path = self.state_file
+        async with self._persist_lock:  # one writer: the temporary file is shared
+            epoch = self.membership.durable_epoch
+            if epoch <= self._persisted_epoch:
+                return
 
-        def write() -> None:
-            tmp = f"{path}.tmp"
-            with open(tmp, "w") as f:
-                f.write(f"{epoch}\n")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            def write() -> None:
+                tmp = f"{path}.tmp"
+                with open(tmp, "w") as f:
+                    f.write(f"{epoch}\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                os.replace(tmp, path)
 
-        await trio.to_thread.run_sync(write)
-        self._persisted_epoch = epoch
+            try:
+                await trio.to_thread.run_sync(write)
+            except OSError as exc:
+                # Without a durable epoch this node could later ack an old epoch again.
+                raise DaemonError(f"cannot record epoch {epoch} in {path}: {exc}") from None
+            self._persisted_epoch = epoch
 
     # ----- lockspaces ----------------------------------------------------------------
 
@@ -218,6 +231,7 @@ class NodeDaemon:
                 nursery.start_soon(self._fence_manager)
                 if self.config.quorum.witness:
                     nursery.start_soon(self._witness_loop)
+                nursery.start_soon(self._fence_self_test)
                 task_status.started()
         finally:
             self.socket.close()
@@ -356,6 +370,13 @@ class NodeDaemon:
     def _on_view(self, committed: ViewCommitted) -> None:
         view = committed.view
         now = time.time()
+        # Members we have not heard yet (we just joined; their heartbeat is on its way)
+        # count as heard now: they get a full failure timeout, not an instant removal.
+        heard = self.detector.alive()
+        for m in view.members:
+            if m.node_id != self.my_id and m.node_id not in heard:
+                self.detector.heard(m.node_id, m.incarnation, trio.current_time())
+                self.membership.peer_alive(m.node_id, m.incarnation)
         for node_id, inc in committed.removed.items():
             self.fencer.need_fence(node_id, inc, view.epoch, now)
         if committed.founding:
@@ -371,10 +392,23 @@ class NodeDaemon:
             "view_committed",
             view.epoch,
             f"members {list(view.member_ids)} removed {sorted(committed.removed)} "
-            f"joined {sorted(committed.joined)}",
+            f"left {sorted(committed.left)} joined {sorted(committed.joined)}",
         )
         self.driver.view_committed(view)
         self._wake_fencing()
+
+    async def leave(self) -> None:
+        """Clean shutdown: stop locking, then tell the members we are gone for good, so
+        they remove us without fencing (a node that just vanishes is fenced)."""
+        if not self.membership.is_member or self._nursery is None:
+            return
+        epoch = self.membership.view.epoch
+        self.journal.add("leaving", epoch, "clean shutdown")
+        self.driver.change_began(epoch, "leaving the cluster")
+        await self.driver.wait_stopped()
+        for _ in range(3):  # datagrams: say it more than once
+            await self._apply(self.membership.leave())
+            await trio.sleep(0.1)
 
     # ----- fencing -------------------------------------------------------------------
 
@@ -443,6 +477,26 @@ class NodeDaemon:
                 )
                 await trio.sleep(1.0)
 
+    async def _fence_self_test(self) -> None:
+        """Check the fence paths at start, so a broken one is found before it is needed
+        (a fence that cannot work hangs the whole cluster at the next failure)."""
+        problems: list[str] = []
+        commands = {f.command for n in self.config.nodes for f in n.fence if f.method == "agent"}
+        for command in sorted(commands):
+            if not os.access(command, os.X_OK):
+                problems.append(f"fence agent {command} is not an executable file")
+        if any(f.method == "storage" for n in self.config.nodes for f in n.fence):
+            from gfspy.blockd import control_client
+
+            for server in self.config.storage:
+                try:
+                    await control_client.server_status(server.control, timeout=10.0)
+                except control_client.ControlError as exc:
+                    problems.append(f"block server {server.name} control channel: {exc}")
+        for problem in problems:
+            log.error("node %d: fence self-test: %s", self.my_id, problem)
+        self.fence_problems = problems
+
     async def _witness_loop(self) -> None:
         from gfspy.blockd import control_client
 
@@ -501,6 +555,7 @@ class NodeDaemon:
                 "waiting_for": self.driver.waiting_for,
             },
             "fences": [c.as_dict() for c in self.fencer.cases.values()],
+            "fence_self_test": self.fence_problems,
             "fence_history": [r.as_dict() for r in self.fencer.history],
             "manual_acks": [[n, w] for n, w in self.fencer.manual_acks.items()],
             "events": [e.as_dict() for e in self.journal.events],

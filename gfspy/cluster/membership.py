@@ -52,6 +52,8 @@ class Proposal:
     #: Members of the view this one replaces, so a joiner learns who was removed (and
     #: must be fenced before its lockspaces start) exactly as the old members do.
     prev_members: tuple[tuple[int, int], ...] = ()
+    #: Removed members that left cleanly (announced it before stopping): not fenced.
+    left: tuple[tuple[int, int], ...] = ()
 
     def to_wire(self) -> dict[str, Any]:
         return {
@@ -61,6 +63,7 @@ class Proposal:
             "members": [list(m) for m in self.members],
             "removed": [list(r) for r in self.removed_history],
             "prevm": [list(m) for m in self.prev_members],
+            "left": [list(m) for m in self.left],
         }
 
     @classmethod
@@ -72,6 +75,7 @@ class Proposal:
             members=tuple(sorted((int(a), int(b)) for a, b in body["members"])),
             removed_history=tuple((int(a), int(b)) for a, b in body.get("removed", [])),
             prev_members=tuple(sorted((int(a), int(b)) for a, b in body.get("prevm", []))),
+            left=tuple(sorted((int(a), int(b)) for a, b in body.get("left", []))),
         )
 
 
@@ -96,6 +100,7 @@ class ViewCommitted:
     removed: dict[int, int]  # node id -> the incarnation that was removed (must be fenced)
     joined: dict[int, int]  # node id -> incarnation newly admitted
     founding: bool = False  # the first view of a new cluster (nobody had a view before)
+    left: dict[int, int] = field(default_factory=dict)  # removed cleanly: no fence needed
 
 
 @dataclass(frozen=True)
@@ -142,8 +147,13 @@ class Membership:
         #: Set by the owner when its lockspaces were stopped (quorum lost, peers unheard)
         #: and can only restart through a new view, although the membership is the same.
         self.want_restart = False
-        self.peer_restart: dict[int, bool] = {}
+        self.peer_restart: dict[int, int] = {}  # peer -> view epoch it wants restarted
         self.peer_unheard: dict[int, frozenset[int]] = {}
+        #: Members that announced a clean leave (node id -> incarnation).
+        self.leaving: dict[int, int] = {}
+        #: Members we heard and then lost (failure detector), reported as "unheard".
+        self.lost: set[tuple[int, int]] = set()
+        self.has_left = False  # we announced our own leave: being dropped is expected
         self._in_flight: _InFlight | None = None
         self._change_announced = False
 
@@ -173,11 +183,12 @@ class Membership:
         return [
             m
             for m in self.view.members
-            if m.node_id == self.my_id or self.alive.get(m.node_id) == m.incarnation
+            if (m.node_id == self.my_id or self.alive.get(m.node_id) == m.incarnation)
+            and self.leaving.get(m.node_id) != m.incarnation
         ]
 
     def coordinator(self) -> int | None:
-        if self.expelled:
+        if self.expelled or self.has_left:
             return None
         if self.is_member:
             return min(m.node_id for m in self.live_members())
@@ -197,13 +208,14 @@ class Membership:
             "epoch": self.view.epoch,
             "members": [[m.node_id, m.incarnation] for m in self.view.members],
             "acked": self.highest_acked,
-            "restart": self.want_restart,
+            # The view we are stuck in, so a late request cannot restart a newer view.
+            "restart": self.view.epoch if self.want_restart else 0,
             # Members of our view we no longer hear: lets the coordinator resolve links that
             # fail in one place only (it hears both ends, they do not hear each other).
+            # Only nodes heard and then lost: a member not heard *yet* (it just joined, its
+            # first heartbeat is on the way) must not get anyone dropped.
             "unheard": [
-                m.node_id
-                for m in self.view.members
-                if m.node_id != self.my_id and self.alive.get(m.node_id) != m.incarnation
+                m.node_id for m in self.view.members if (m.node_id, m.incarnation) in self.lost
             ],
         }
 
@@ -211,6 +223,7 @@ class Membership:
 
     def peer_alive(self, node_id: int, incarnation: int) -> list[Action]:
         self.alive[node_id] = incarnation
+        self.lost.discard((node_id, incarnation))
         return []
 
     def peer_gone(self, node_id: int, incarnation: int, why: str) -> list[Action]:
@@ -222,6 +235,7 @@ class Membership:
             self.peer_unheard.pop(node_id, None)
         member = self.view.member(node_id)
         if self.is_member and member is not None and member.incarnation == incarnation:
+            self.lost.add((node_id, incarnation))
             return self._announce_change(f"node {node_id} {why}")
         return []
 
@@ -238,7 +252,8 @@ class Membership:
         self.highest_seen = max(self.highest_seen, epoch, acked)
         me = (self.my_id, self.incarnation)
         self.peer_members[sender] = members
-        self.peer_restart[sender] = bool(gossip.get("restart", False))
+        restart = gossip.get("restart", 0)
+        self.peer_restart[sender] = restart if isinstance(restart, int) else 0
         try:
             self.peer_unheard[sender] = frozenset(int(n) for n in gossip.get("unheard", ()))
         except (TypeError, ValueError):
@@ -280,6 +295,14 @@ class Membership:
                 if self.accepted.get(p.epoch) == p:
                     return self._commit(p)
                 return []
+            if kind == "leave":
+                member = self.view.member(sender)
+                if member is None or member.incarnation != incarnation:
+                    return []
+                if self.leaving.get(sender) != incarnation:
+                    log.info("node %d: node %d is leaving cleanly", self.my_id, sender)
+                    self.leaving[sender] = incarnation
+                return self._announce_change(f"node {sender} is leaving")
             if kind == "reject":
                 # Only for us if it names our incarnation: a reject meant for the previous
                 # process on this address must not stop its successor.
@@ -311,7 +334,8 @@ class Membership:
                     actions += self._send_proposal(flight.proposal, skip=flight.acks)
                 return actions
         restart = self.view.epoch > 0 and (
-            self.want_restart or any(self.peer_restart.get(m.node_id) for m in self.live_members())
+            self.want_restart
+            or any(self.peer_restart.get(m.node_id) == self.view.epoch for m in self.live_members())
         )
         if not desired or (desired == current and not restart):
             return actions
@@ -325,7 +349,10 @@ class Membership:
             if (m.node_id, m.incarnation) not in desired
         ]
         history = (self.removed_history + removed)[-MAX_REMOVED_HISTORY:]
-        proposal = Proposal(epoch, self.view.epoch, self.my_id, desired, tuple(history), current)
+        left = tuple(r for r in removed if self.leaving.get(r[0]) == r[1])
+        proposal = Proposal(
+            epoch, self.view.epoch, self.my_id, desired, tuple(history), current, left
+        )
         log.info(
             "node %d: proposing view %d members %s (was view %d %s)",
             self.my_id,
@@ -461,7 +488,9 @@ class Membership:
     def _commit(self, p: Proposal) -> list[Action]:
         old = dict(p.prev_members) if p.prev_epoch else {}
         new = dict(p.members)
-        removed = {n: inc for n, inc in old.items() if new.get(n) != inc}
+        gone = {n: inc for n, inc in old.items() if new.get(n) != inc}
+        left = {n: inc for n, inc in gone.items() if (n, inc) in set(p.left)}
+        removed = {n: inc for n, inc in gone.items() if n not in left}
         joined = {n: inc for n, inc in new.items() if old.get(n) != inc}
         members = tuple(
             Member(n, inc, self.config.node(n).address) for n, inc in sorted(new.items())
@@ -472,7 +501,7 @@ class Membership:
         )
         history = set(self.removed_history)
         merged = list(self.removed_history) + [r for r in p.removed_history if r not in history]
-        merged += [r for r in removed.items() if r not in set(merged)]
+        merged += [r for r in gone.items() if r not in set(merged)]
         self.removed_history = merged[-MAX_REMOVED_HISTORY:]
         self.view = view
         self.want_restart = False
@@ -482,15 +511,25 @@ class Membership:
             self._in_flight = None  # built on a view that is no longer ours
         self.highest_acked = max(self.highest_acked, p.epoch)
         self._change_announced = False
+        self.leaving = {n: i for n, i in self.leaving.items() if new.get(n) == i}
+        self.lost = {(n, i) for n, i in self.lost if new.get(n) == i}
         log.info(
-            "node %d: committed view %d members %s removed %s joined %s",
+            "node %d: committed view %d members %s removed %s left %s joined %s",
             self.my_id,
             p.epoch,
             list(view.member_ids),
             sorted(removed),
+            sorted(left),
             sorted(joined),
         )
-        return [ViewCommitted(view, removed, joined, founding=p.prev_epoch == 0)]
+        return [ViewCommitted(view, removed, joined, founding=p.prev_epoch == 0, left=left)]
+
+    def leave(self) -> list[Action]:
+        """Announce a clean leave to every member: this process stops all I/O and exits."""
+        if not self.is_member:
+            return []
+        self.has_left = True
+        return [Send(m.node_id, "leave", {}) for m in self.view.members if m.node_id != self.my_id]
 
     def _announce_change(self, reason: str) -> list[Action]:
         if self._change_announced or not self.is_member:
@@ -500,6 +539,10 @@ class Membership:
 
     def _expel(self, reason: str) -> list[Action]:
         if self.expelled:
+            return []
+        if self.has_left:
+            log.info("node %d: the cluster carries on without us (%s)", self.my_id, reason)
+            self.expelled = reason
             return []
         self.expelled = reason
         self.accepted.clear()

@@ -108,6 +108,11 @@ class RecoveryDriver:
             task_status.started()
             await trio.sleep_forever()
 
+    async def wait_stopped(self) -> None:
+        """Until every lockspace has been stopped (after change_began)."""
+        while not self._lockspaces_stopped:
+            await trio.sleep(0.01)
+
     def add_lockspace(self, ls: Lockspace) -> None:
         self.lockspaces.append(ls)
 
@@ -142,8 +147,9 @@ class RecoveryDriver:
             with scope:
                 await self._stop_all(epoch)
                 if view is None:
-                    self.waiting_for = "agreement on a new view"
-                    self.needs_view = True
+                    if scope is self._pass_scope:  # not overtaken by a newer change
+                        self.waiting_for = "agreement on a new view"
+                        self.needs_view = True
                     return
                 await self._recover(view)
 

@@ -64,6 +64,12 @@ class LockHandle:
     `status`/`sbflags`/`lvb`/`lvbseq` come from the last completion.
     """
 
+    __slots__ = (
+        "ls", "lkid", "name", "bast", "ast", "mode", "flags", "lvb", "lvbseq", "sbflags",
+        "status", "op", "op_mode", "op_flags", "unlocking", "unlock_flags", "cancel_pending",
+        "gone", "held", "_begun", "_delivered", "_event",
+    )  # fmt: skip
+
     def __init__(
         self,
         ls: Lockspace,
@@ -148,6 +154,10 @@ class Lockspace:
         self.running = False
         self.recover_seq = 0
         self.generation = 0
+        #: Slot of every member (1, 2, ...), kept while a node stays a member; set by
+        #: each completed recovery. GFS2 mounts journal `slot - 1`.
+        self.slots: dict[int, int] = {}
+        self.slot = 0
         self.handles: dict[int, LockHandle] = {}
         self.rsbs: dict[bytes, OwnerRsb] = {}
         self.masters: dict[bytes, Resource] = {}
@@ -204,10 +214,33 @@ class Lockspace:
         lvb: bytes | None = None,
         bast: BastCallback | None = None,
     ) -> LockHandle:
-        """Request and wait for the grant; raises DLMError(EAGAIN/ECANCELED...) otherwise."""
+        """Request and wait for the grant; raises DLMError(EAGAIN/ECANCELED...) otherwise.
+
+        If the caller is cancelled while waiting, nobody will ever own the lock: the
+        request is cancelled, and should the grant win that race, it is unlocked.
+        """
         handle = self.request(name, mode, flags, lvb, bast)
-        self._raise_for(await handle.wait(), handle)
+        try:
+            status = await handle.wait()
+        except trio.Cancelled:
+            self._abandon(handle)
+            raise
+        self._raise_for(status, handle)
         return handle
+
+    def _abandon(self, handle: LockHandle) -> None:
+        def release_if_granted(h: LockHandle) -> None:
+            if not h.gone and h.status == 0 and h.op is None and not h.unlocking:
+                self.request_unlock(h)
+
+        handle.ast = release_if_granted
+        handle.bast = None
+        if handle.gone:
+            return
+        if handle.op is None:  # granted already, the caller just never saw it
+            release_if_granted(handle)
+        else:
+            self.cancel(handle)
 
     def request_convert(
         self, handle: LockHandle, mode: int, flags: int = 0, lvb: bytes | None = None
@@ -251,9 +284,11 @@ class Lockspace:
         handle.unlocking = True
         handle.unlock_flags = flags
         _begin_op(handle)
-        if flags & Flag.FORCEUNLOCK and self._withdraw_unsent(handle):
-            self._complete(handle, EUNLOCK, Mode.IV, 0, None, 0)
-            return
+        if flags & Flag.FORCEUNLOCK and handle.op and self._withdraw_unsent(handle):
+            if handle.op == REQUEST:  # no master has heard of this lock: done here
+                self._complete(handle, EUNLOCK, Mode.IV, 0, None, 0)
+                return
+            handle.op = None  # an unsent conversion is simply dropped; the unlock goes on
         self._submit(handle, UNLOCK)
 
     async def unlock(self, handle: LockHandle, flags: int = 0, lvb: bytes | None = None) -> int:
@@ -310,6 +345,14 @@ class Lockspace:
         """Install `view` and recover; returns False if a newer stop() aborted it."""
         return await self.recovery.run(view)
 
+    def close(self) -> None:
+        """Leave: stop taking traffic for this lockspace (after the cluster's last view
+        without us, or at unmount once every lock is released)."""
+        self.running = False
+        self.recover_seq += 1
+        self.recovery.wake()
+        self.transport.unregister(self.name)
+
     def dump(self) -> dict:
         """Resources, masters and queues on this node, for `gfspy` lock dumps."""
         resources = []
@@ -329,7 +372,9 @@ class Lockspace:
             "node": self.node_id,
             "epoch": self.epoch,
             "generation": self.generation,
+            "slots": dict(self.slots),
             "running": self.running,
+            "state": self.recovery.status(),
             "grants_blocked": self.grants_blocked,
             "members": list(self.members),
             "mastered": resources,
@@ -630,6 +675,10 @@ class Lockspace:
             h = self.handles.get(f["lkid"])
             if h is not None and h.name == f["name"]:
                 self._on_bast(h, f["mode"])
+        elif t in DIRECTORY_TYPES and msg.epoch != self.epoch:
+            # An answer from another view's directory; the lookup is redone if needed.
+            log.info("lockspace %r node %d: dropped %s of epoch %d from node %d",
+                     self.name, self.node_id, t.name, msg.epoch, msg.from_node)  # fmt: skip
         elif t is MsgType.LOOKUP:
             name = f["name"]
             if directory_node(name, self.members) != self.node_id:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -37,6 +36,9 @@ class FrameType(enum.IntEnum):
     HELLO_ACK = 2  # node_id, incarnation, last seq received from the caller
     DATA = 3  # seq, payload
     ACK = 4  # seq
+
+
+_FRAME_TYPES = {int(t): t for t in FrameType}
 
 
 class _Any:
@@ -69,17 +71,26 @@ def encode_data_frame(seq: int, message: bytes) -> bytes:
     return _LEN.pack(len(body)) + body
 
 
-def _check_shape(values: list, shape: tuple[type, ...], what: str) -> None:
-    """Exact type of every field (msgpack integers are 64-bit, so no range check)."""
+def _what(what: object) -> str:
+    return what.name if isinstance(what, enum.Enum) else str(what)
+
+
+def _check_shape(values: list, shape: tuple[type, ...], what: object) -> None:
+    """Exact type of every field (msgpack integers are 64-bit, so no range check).
+
+    `what` names the frame or message in errors; it is only formatted on failure, since
+    this runs for every message received."""
     if len(values) != len(shape):
-        raise MessageError(f"{what}: {len(values)} fields, expected {len(shape)}")
+        raise MessageError(f"{_what(what)}: {len(values)} fields, expected {len(shape)}")
     for i, value in enumerate(values):
         kind = shape[i]
         if type(value) is kind or kind is _Any:
             continue
         if kind is _OptBytes and (value is None or type(value) is bytes):
             continue
-        raise MessageError(f"{what}: field {i} is {type(value).__name__}, expected {kind.__name__}")
+        raise MessageError(
+            f"{_what(what)}: field {i} is {type(value).__name__}, expected {kind.__name__}"
+        )
 
 
 def decode_frame_body(body: bytes) -> tuple[FrameType, list]:
@@ -89,12 +100,12 @@ def decode_frame_body(body: bytes) -> tuple[FrameType, list]:
         raise MessageError(f"undecodable frame: {exc.__class__.__name__}") from None
     if type(value) is not list or not value or type(value[0]) is not int:
         raise MessageError("frame is not a typed array")
-    try:
-        ftype = FrameType(value[0])
-    except ValueError:
-        raise MessageError(f"unknown frame type {value[0]}") from None
-    _check_shape(value[1:], _FRAME_SHAPES[ftype], ftype.name)
-    return ftype, value[1:]
+    ftype = _FRAME_TYPES.get(value[0])
+    if ftype is None:
+        raise MessageError(f"unknown frame type {value[0]}")
+    fields = value[1:]
+    _check_shape(fields, _FRAME_SHAPES[ftype], ftype)
+    return ftype, fields
 
 
 class FrameDecoder:
@@ -104,20 +115,27 @@ class FrameDecoder:
         self._buf = bytearray()
 
     def feed(self, data: bytes) -> list[tuple[FrameType, list]]:
-        self._buf += data
+        # Usually a read holds whole frames and nothing is buffered: parse `data` as is.
+        buf: bytes | bytearray = data
+        if self._buf:
+            self._buf += data
+            buf = self._buf
         frames = []
         pos = 0
-        buf = self._buf
-        while len(buf) - pos >= 4:
+        end = len(buf)
+        while end - pos >= 4:
             (length,) = _LEN.unpack_from(buf, pos)
             if length > MAX_FRAME or length == 0:
                 raise MessageError(f"frame length {length} out of range")
-            if len(buf) - pos - 4 < length:
+            if end - pos - 4 < length:
                 break
-            frames.append(decode_frame_body(bytes(buf[pos + 4 : pos + 4 + length])))
+            frames.append(decode_frame_body(buf[pos + 4 : pos + 4 + length]))
             pos += 4 + length
-        if pos:
-            del buf[:pos]
+        if buf is data:
+            if pos < end:
+                self._buf = bytearray(data[pos:])
+        elif pos:
+            del self._buf[:pos]
         return frames
 
     @property
@@ -173,13 +191,14 @@ _SCHEMAS: dict[MsgType, tuple[tuple[str, type], ...]] = {
     MsgType.BAST: (("name", _NAME), ("lkid", int), ("mode", int)),
     MsgType.LOOKUP: (("name", _NAME),),
     MsgType.LOOKUP_REPLY: (("name", _NAME), ("master", int)),
-    MsgType.BARRIER: (("step", int),),
+    MsgType.BARRIER: (("step", int), ("data", list)),
     MsgType.DIR_NAMES: (("names", list),),
     MsgType.RLOOKUP: (("name", _NAME),),
     MsgType.RLOOKUP_REPLY: (("name", _NAME), ("master", int)),
     MsgType.RLOCKS: (("name", _NAME), ("locks", list)),
 }  # fmt: skip
 _FIELD_NAMES = {t: tuple(f for f, _ in s) for t, s in _SCHEMAS.items()}
+_MSG_TYPES = {int(t): t for t in MsgType}
 _SHAPES = {t: tuple(k for _, k in s) for t, s in _SCHEMAS.items()}
 #: One rebuilt lock in RLOCKS: lkid, grmode, rqmode, flags, wants_bast, lvb, lvbseq.
 RLOCK_SHAPE: tuple[type, ...] = (int, int, int, int, bool, _OptBytes, int)
@@ -187,16 +206,25 @@ RLOCK_SHAPE: tuple[type, ...] = (int, int, int, int, bool, _OptBytes, int)
 _HEADER = 6  # version, type, lockspace, from_node, incarnation, epoch
 
 
-@dataclass(frozen=True, slots=True)
 class Message:
-    """A decoded DLM message: common header plus type-specific fields."""
+    """A decoded DLM message: common header plus type-specific fields (also readable
+    as attributes: `msg.name`, `msg.lkid`...)."""
 
-    type: MsgType
-    lockspace: bytes
-    from_node: int
-    incarnation: int
-    epoch: int
-    fields: dict[str, Any]
+    __slots__ = ("type", "lockspace", "from_node", "incarnation", "epoch", "fields")
+
+    def __init__(
+        self, mtype: MsgType, lockspace: bytes, from_node: int, incarnation: int, epoch: int,
+        fields: dict[str, Any],
+    ) -> None:  # fmt: skip
+        self.type = mtype
+        self.lockspace = lockspace
+        self.from_node = from_node
+        self.incarnation = incarnation
+        self.epoch = epoch
+        self.fields = fields
+
+    def __repr__(self) -> str:
+        return f"<{self.type.name} from node {self.from_node} epoch {self.epoch} {self.fields}>"
 
     def __getattr__(self, item: str) -> Any:
         try:
@@ -228,16 +256,21 @@ def message_from_value(value: Any) -> Message:
     """Validate an unpacked message (as carried inside a DATA frame); raises MessageError."""
     if type(value) is not list or len(value) < _HEADER:
         raise MessageError("message is not an array with a header")
-    version, mtype, lockspace, from_node, incarnation, epoch = value[:_HEADER]
-    if version != PROTO_VERSION:
+    version, raw_type, lockspace, from_node, incarnation, epoch = value[:_HEADER]
+    if version != PROTO_VERSION or type(version) is not int:
         raise MessageError(f"protocol version {version!r} not supported")
-    try:
-        mtype = MsgType(mtype)
-    except (ValueError, TypeError):
-        raise MessageError(f"unknown message type {mtype!r}") from None
-    _check_shape([lockspace, from_node, incarnation, epoch], (bytes, int, int, int), "header")
+    mtype = _MSG_TYPES.get(raw_type) if type(raw_type) is int else None
+    if mtype is None:
+        raise MessageError(f"unknown message type {raw_type!r}")
+    if not (
+        type(lockspace) is bytes
+        and type(from_node) is int
+        and type(incarnation) is int
+        and type(epoch) is int
+    ):
+        raise MessageError("header fields of the wrong type")
     body = value[_HEADER:]
-    _check_shape(body, _SHAPES[mtype], mtype.name)
+    _check_shape(body, _SHAPES[mtype], mtype)
     fields = dict(zip(_FIELD_NAMES[mtype], body, strict=True))
     name = fields.get("name")
     if name is not None and not 0 < len(name) <= 64:
@@ -248,6 +281,8 @@ def message_from_value(value: Any) -> Message:
     for key in ("mode",):
         if key in fields and not -1 <= fields[key] <= 5:
             raise MessageError(f"{mtype.name}: mode {fields[key]} out of range")
+    if mtype is MsgType.BARRIER and any(type(v) is not int for v in fields["data"]):
+        raise MessageError("BARRIER: data must be integers")
     if mtype is MsgType.DIR_NAMES:
         for n in fields["names"]:
             if type(n) is not bytes or not 0 < len(n) <= 64:

@@ -24,6 +24,7 @@ every step is idempotent (locks are keyed by (owner node, lock id)).
 from __future__ import annotations
 
 import errno
+import itertools
 import logging
 from collections import defaultdict
 from collections.abc import Callable
@@ -32,13 +33,14 @@ import trio
 
 from gfspy.cluster.view import View
 from gfspy.dlm.directory import directory_node
-from gfspy.dlm.lockspace import CANCEL, UNLOCK
+from gfspy.dlm.lockspace import CANCEL, UNLOCK, Lockspace
 from gfspy.dlm.messages import Message, MsgType
 from gfspy.dlm.modes import ECANCEL, EUNLOCK, DLMError, Flag, Mode
 
 log = logging.getLogger(__name__)
 
 NODES, DIR, LOCKS, DONE = 1, 2, 3, 4
+_STEP_NAMES = {NODES: "NODES", DIR: "DIR", LOCKS: "LOCKS", DONE: "DONE"}
 MAX_BUFFERED = 100_000
 
 
@@ -49,16 +51,25 @@ class RecoveryAborted(Exception):
 class Recovery:
     """Recovery state and steps of one lockspace."""
 
-    def __init__(self, ls) -> None:  # ls: Lockspace (import cycle)
+    def __init__(self, ls: Lockspace) -> None:
         self.ls = ls
         self._future: dict[int, list[Message]] = defaultdict(list)
         self._buffered = 0
         self._barriers: dict[tuple[int, int], set[int]] = defaultdict(set)
+        self._barrier_data: dict[tuple[int, int, int], list[int]] = {}
         self._dir_names: dict[int, dict[int, list[bytes]]] = defaultdict(dict)
         self._rlookup: dict[tuple[int, bytes], int] = {}
         self._changed = trio.Event()
+        #: Work of passes that did not complete is carried into the next pass, which must
+        #: finish it: resources we became master of, resources purge touched, and names
+        #: remastered (the new master may have dropped our RLOCKS as stale: redo them).
         self.new_master: set[bytes] = set()
+        self.touched: set[bytes] = set()
+        self.remastered: set[bytes] = set()
+        #: The last view whose recovery completed; departures are measured against it.
+        self.completed_view: View | None = None
         self.last_duration = 0.0
+        self.waiting_for: tuple[str, Callable[[], object]] | None = None
         self.passes = 0
 
     # ------------------------------------------------------------------ messages
@@ -93,6 +104,7 @@ class Recovery:
         f = msg.fields
         if msg.type is MsgType.BARRIER:
             self._barriers[(msg.epoch, f["step"])].add(msg.from_node)
+            self._barrier_data[(msg.epoch, f["step"], msg.from_node)] = f["data"]
         elif msg.type is MsgType.DIR_NAMES:
             self._dir_names[msg.epoch][msg.from_node] = f["names"]
         elif msg.type is MsgType.RLOOKUP:
@@ -111,20 +123,41 @@ class Recovery:
         for lkid, grmode, rqmode, flags, wants_bast, lvb, lvbseq in rows:
             res.add_recovered((owner, lkid), grmode, rqmode, flags, wants_bast, lvb, lvbseq)
 
-    async def _wait(self, seq: int, ready: Callable[[], bool]) -> None:
-        while not ready():
+    async def _wait(
+        self, seq: int, ready: Callable[[], bool], what: str, missing: Callable[[], object]
+    ) -> None:
+        """Wait for recovery messages; `what`/`missing` say what we wait for, for status."""
+        self.waiting_for = (what, missing)
+        try:
+            while not ready():
+                if self.ls.recover_seq != seq:
+                    raise RecoveryAborted
+                await self._changed.wait()
             if self.ls.recover_seq != seq:
                 raise RecoveryAborted
-            await self._changed.wait()
-        if self.ls.recover_seq != seq:
-            raise RecoveryAborted
+        finally:
+            self.waiting_for = None
 
-    async def _barrier(self, seq: int, step: int) -> None:
+    def status(self) -> str:
+        """One line for operators: what recovery is waiting for, and from whom."""
+        if self.ls.running:
+            return "running"
+        if self.waiting_for is None:
+            return f"stopped (epoch {self.ls.epoch})"
+        what, missing = self.waiting_for
+        return f"recovering epoch {self.ls.epoch}: waiting for {what} from {missing()}"
+
+    async def _barrier(self, seq: int, step: int, data: list[int] | None = None) -> None:
         ls = self.ls
         others = {m for m in ls.members if m != ls.node_id}
+        self._barrier_data[(ls.epoch, step, ls.node_id)] = data or []
         for node in others:
-            ls._send(node, MsgType.BARRIER, step)
-        await self._wait(seq, lambda: self._barriers[(ls.epoch, step)] >= others)
+            ls._send(node, MsgType.BARRIER, step, data or [])
+        got = self._barriers[(ls.epoch, step)]
+        await self._wait(
+            seq, lambda: got >= others, f"barrier {_STEP_NAMES[step]}",
+            lambda: f"nodes {sorted(others - got)}",
+        )  # fmt: skip
 
     # ------------------------------------------------------------------ the pass
 
@@ -140,23 +173,30 @@ class Recovery:
         started = trio.current_time()
         gone = self._install(view)
         try:
-            await self._barrier(seq, NODES)
+            # Each member reports its slot; the lowest member hands out the slot map
+            # with its DIR barrier (GFS2 uses slot - 1 as the node's journal id).
+            await self._barrier(seq, NODES, [ls.slot])
             await self._rebuild_directory(seq)
-            await self._barrier(seq, DIR)
+            slot_map = self._assign_slots() if ls.node_id == view.low_node else None
+            await self._barrier(seq, DIR, slot_map)
+            slots = self._barrier_data[(view.epoch, DIR, view.low_node)]
             remaster = self._fix_owner_side(gone)
-            touched = self._purge()
+            self.touched |= self._purge(gone)
             await self._remaster(seq, remaster)
             await self._barrier(seq, LOCKS)
-            for name in self.new_master | touched:
+            for name in self.new_master | self.touched:
                 ls.masters[name].recover_lvb(new_master=name in self.new_master)
             await self._barrier(seq, DONE)
         except RecoveryAborted:
             log.info("lockspace %r node %d: recovery of epoch %d aborted by a newer change",
                      ls.name, ls.node_id, view.epoch)  # fmt: skip
             return False
-        regrant = self.new_master | touched
-        self.new_master = set()
+        regrant = self.new_master | self.touched
+        self.new_master, self.touched, self.remastered = set(), set(), set()
+        self.completed_view = view
         ls.generation = view.epoch
+        ls.slots = dict(zip(slots[::2], slots[1::2], strict=True))
+        ls.slot = ls.slots.get(ls.node_id, 0)
         ls.running = True
         for name in sorted(regrant):
             ls.dispatch(name, ls.masters[name].grant_pending(recover=True))
@@ -170,12 +210,31 @@ class Recovery:
             ls.on_recover_done(ls)
         return True
 
+    def _assign_slots(self) -> list[int]:
+        """Members keep their slot; newcomers get the lowest free ones, by node id."""
+        ls = self.ls
+        reported = {}
+        for node in ls.members:
+            data = self._barrier_data.get((ls.epoch, NODES, node)) or [0]
+            reported[node] = data[0] if data[0] > 0 else 0
+        taken: set[int] = set()
+        slots = {}
+        for node in ls.members:
+            if reported[node] and reported[node] not in taken:
+                slots[node] = reported[node]
+                taken.add(reported[node])
+        free = (n for n in itertools.count(1) if n not in taken)
+        for node in ls.members:
+            if node not in slots:
+                slots[node] = next(free)
+        return [v for node in ls.members for v in (node, slots[node])]
+
     def _install(self, view: View) -> set[int]:
         """Install the members; returns departed node ids (incl. restarted incarnations)."""
         ls = self.ls
         gone: set[int] = set()
-        if ls.view is not None:
-            for old in ls.view.members:
+        if self.completed_view is not None:
+            for old in self.completed_view.members:
                 new = view.member(old.node_id)
                 if new is None or new.incarnation != old.incarnation:
                     gone.add(old.node_id)
@@ -187,6 +246,12 @@ class Recovery:
         for node in sorted(gone & set(view.removed) if view.removed else gone):
             if ls.on_recover_slot:
                 ls.on_recover_slot(node)
+        # Resources this node became master of in a pass that did not complete are
+        # dropped: the owners rebuild them from scratch against this pass's directory
+        # (two aborted passes could otherwise leave two masters of one name).
+        for name in self.new_master:
+            ls.masters.pop(name, None)
+            self.touched.discard(name)
         self.new_master = set()
         for epoch in [e for e in self._future if e < view.epoch]:
             self._buffered -= len(self._future.pop(epoch))
@@ -205,7 +270,10 @@ class Recovery:
         for node in others:
             ls._send(node, MsgType.DIR_NAMES, names_for.get(node, []))
         received = self._dir_names[ls.epoch]
-        await self._wait(seq, lambda: set(received) >= others)
+        await self._wait(
+            seq, lambda: set(received) >= others, "directory names",
+            lambda: f"nodes {sorted(others - set(received))}",
+        )  # fmt: skip
         ls.directory.clear()
         for name in names_for.get(ls.node_id, []):
             ls.directory.add(name, ls.node_id)
@@ -233,7 +301,8 @@ class Recovery:
         for name, rsb in list(ls.rsbs.items()):
             rsb.lookup_pending = False  # lookups are redone against the new directory
             handles = [ls.handles[lkid] for lkid in sorted(rsb.lkids)]
-            if rsb.master == 0 or (rsb.master in alive and rsb.master not in gone):
+            redo = name in self.remastered and rsb.master != 0
+            if not redo and (rsb.master == 0 or (rsb.master in alive and rsb.master not in gone)):
                 if rsb.master not in (0, ls.node_id) and not any(
                     h.mode != Mode.IV or sent(h, h.op) or (h.unlocking and sent(h, UNLOCK))
                     for h in handles
@@ -257,12 +326,13 @@ class Recovery:
                 remaster.append(rsb)
         return remaster
 
-    def _purge(self) -> set[bytes]:
+    def _purge(self, gone: set[int]) -> set[bytes]:
+        """Drop departed owners' locks (a restarted node's old run counts as departed)."""
         ls = self.ls
         alive = set(ls.members)
         touched = set()
         for name, res in ls.masters.items():
-            if res.purge(lambda key: key[0] not in alive):
+            if res.purge(lambda key: key[0] not in alive or key[0] in gone):
                 touched.add(name)
         return touched
 
@@ -276,7 +346,11 @@ class Recovery:
             else:
                 ls._send(dir_node, MsgType.RLOOKUP, rsb.name)
             asked.append(rsb)
-        await self._wait(seq, lambda: all((ls.epoch, r.name) in self._rlookup for r in asked))
+        await self._wait(
+            seq, lambda: all((ls.epoch, r.name) in self._rlookup for r in asked),
+            "new masters",
+            lambda: f"directory nodes of {sum((ls.epoch, r.name) not in self._rlookup for r in asked)} resources",
+        )  # fmt: skip
         for rsb in asked:
             master = self._rlookup.pop((ls.epoch, rsb.name))
             rows = []
@@ -287,6 +361,7 @@ class Recovery:
                 flags = h.flags & ~(Flag.NOEXP | Flag.CONVERT | Flag.QUECVT)
                 rows.append([lkid, h.mode, Mode.IV, flags, h.bast is not None, h.lvb, h.lvbseq])
             rsb.master = master
+            self.remastered.add(rsb.name)
             if master == ls.node_id:
                 self._rebuild_remote(ls.node_id, rsb.name, rows)
             else:
@@ -295,6 +370,8 @@ class Recovery:
     def _forget_old(self, epoch: int) -> None:
         for key in [k for k in self._barriers if k[0] <= epoch]:
             del self._barriers[key]
+        for key3 in [k for k in self._barrier_data if k[0] < epoch]:
+            del self._barrier_data[key3]
         for e in [e for e in self._dir_names if e <= epoch]:
             del self._dir_names[e]
         for key in [k for k in self._rlookup if k[0] <= epoch]:

@@ -22,6 +22,7 @@ from gfspy.ondisk.constants import (
     BLKST_USED,
     META_HEADER_SIZE,
     RG_HEADER_SIZE,
+    RGF_NOALLOC,
 )
 from gfspy.ondisk.errors import FormatError
 from gfspy.ondisk.rgrp import (
@@ -78,6 +79,8 @@ class Allocator:
         #: next log flush (freed since; see Rgrp.clone).
         self.free_total = 0
         self.pinned = 0
+        #: Free blocks in rgrps flagged NOALLOC: counted by statfs, never handed out.
+        self.noalloc_free = 0
         #: Called with (txn, rgrp address) before an rgrp is changed: the mount
         #: takes the rgrp's glock there.
         self.on_use: Callable[[FsTxn, int], Awaitable[None]] | None = None
@@ -118,14 +121,17 @@ class Allocator:
     @property
     def available(self) -> int:
         """Blocks an allocation can get right now."""
-        return self.free_total - self.pinned
+        return self.free_total - self.pinned - self.noalloc_free
 
     async def load_all(self) -> None:
         """Decode every rgrp (mount): totals for statfs and reservations."""
         self.free_total = 0
+        self.noalloc_free = 0
         for index in range(len(self.entries)):
             rg = await self.rgrp(index)
             self.free_total += rg.header.free
+            if rg.header.flags & RGF_NOALLOC:
+                self.noalloc_free += rg.header.free
 
     def invalidate(self) -> None:
         """Forget decoded rgrps (rgrp glock given up): reread on next use."""
@@ -187,7 +193,7 @@ class Allocator:
             if want == 0:
                 break
             rg = await self.rgrp(index)
-            if rg.header.free == 0:
+            if rg.header.free == 0 or rg.header.flags & RGF_NOALLOC:
                 continue
             await self._use(txn, index)
             n = goal - rg.entry.data0 if index == start_index and rg.entry.contains(goal) else 0
@@ -278,6 +284,8 @@ class Allocator:
                     rg.clone = bytearray(rg.bitmap)
                 _fill(rg.bitmap, n, stop - pos, BLKST_FREE)
                 rg.header.free += stop - pos
+                if rg.header.flags & RGF_NOALLOC:
+                    self.noalloc_free += stop - pos
                 self._mark(txn, rg, n, stop - pos - 1 + n)
                 txn.freed.update(range(pos, stop))
                 pos = stop
@@ -296,6 +304,8 @@ class Allocator:
                 rg.clone = bytearray(rg.bitmap)
             set_state(rg.bitmap, n, BLKST_FREE)
             rg.header.free += 1
+            if rg.header.flags & RGF_NOALLOC:
+                self.noalloc_free += 1
             rg.header.dinodes -= 1
             self._mark(txn, rg, n, n)
             txn.freed.add(dinode)

@@ -64,6 +64,10 @@ class BufferCache:
     def drop(self, blkno: int) -> None:
         self._blocks.pop(blkno, None)
 
+    def clear(self) -> None:
+        """Forget every cached image (another node may have changed them)."""
+        self._blocks.clear()
+
     def trim(self, keep: set[int] | None = None) -> None:
         """Evict the oldest blocks beyond the limit (only between transactions)."""
         while len(self._blocks) > self.limit:

@@ -108,14 +108,14 @@ class FileData:
             if src_start == run_start and src_end == run_end:
                 await self.device.write(pb * bs, view[src_start - offset : src_end - offset])
                 continue
+            # A partly written edge block keeps its old bytes (zeros if it is new).
             image = bytearray(n * bs)
-            if src_start > run_start and lb not in new:
+            head_read = src_start > run_start and lb not in new
+            if head_read:
                 image[:bs] = await self.device.read(pb * bs, bs)
             last = lb + n - 1
-            if src_end < run_end and last not in new and (n > 1 or src_start == run_start):
+            if src_end < run_end and last not in new and not (n == 1 and head_read):
                 image[(n - 1) * bs :] = await self.device.read((pb + n - 1) * bs, bs)
-            elif src_end < run_end and last not in new and n == 1 and src_start > run_start:
-                pass  # the single block was read above
             image[src_start - run_start : src_end - run_start] = view[
                 src_start - offset : src_end - offset
             ]

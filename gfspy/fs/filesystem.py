@@ -14,7 +14,7 @@ import os
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, nullcontext
 
 import trio
 
@@ -50,6 +50,8 @@ from gfspy.glock.nolock import NoLock
 from gfspy.journal.log import JournalError
 from gfspy.journal.transaction import Transaction
 from gfspy.ondisk.constants import (
+    BLKST_DINODE,
+    BLKST_UNLINKED,
     DIF_INHERIT_JDATA,
     DIF_JDATA,
     DIF_SYSTEM,
@@ -65,9 +67,17 @@ from gfspy.ondisk.statfs import StatfsChange
 log = logging.getLogger(__name__)
 
 READDIR_BATCH = 512
+RELATIME_SECONDS = 24 * 3600
 #: Blocks kept back for metadata an operation may need (dinode, leaf splits, table
 #: growth, indirect blocks) on top of what it asks for explicitly.
 META_RESERVE = 64
+
+
+def _release_holders(txn: FsTxn) -> None:
+    for holder in txn.holders:
+        holder.glock.release(holder)
+    txn.holders.clear()
+    txn.held.clear()
 
 
 def _split_ns(ns: int) -> tuple[int, int]:
@@ -128,7 +138,11 @@ class FileSystem(NamespaceOps):
         self._lock = trio.Lock()
         self._last_flush = time.monotonic()
         self._closed = False
+        self._closing = trio.Event()  # wakes run_periodic_flush at unmount
         self._unmounting = False
+        #: Files too big to free in one transaction, and the slice size that decides.
+        self._deferred_frees: list[Inode] = []
+        self.free_slice_blocks = (info.journal.journal_blocks if info.journal else 2048) * 512
 
     # ================================================================ mount
 
@@ -167,9 +181,19 @@ class FileSystem(NamespaceOps):
         """Clean unmount: flush, fold statfs into the master file, UNMOUNT header."""
         if self._closed:
             return
+        writable = not (self.withdrawn or self.readonly or self.journal is None)
+        if writable:
+            # Never leave UNLINKED dinodes on a clean image: files still open at
+            # unmount after their last unlink are freed now.
+            for ip in [ip for ip in self.inodes.values() if ip.unlinked and not ip.freed]:
+                ip.open_count = 0
+                async with self._op() as txn:
+                    await self._dealloc(txn, ip)
         self._closed = True
-        if self.withdrawn or self.readonly or self.journal is None:
+        self._closing.set()
+        if not writable or self.withdrawn:
             return
+        assert self.journal is not None
         async with self._lock:
             await self._sync_locked()
             try:
@@ -205,11 +229,14 @@ class FileSystem(NamespaceOps):
             # A change interrupted half way would leave the cached metadata
             # inconsistent, so a modifying operation is not cancellable.
             try:
-                with trio.CancelScope(shield=write):
+                with trio.CancelScope(shield=True) if write else nullcontext():
                     try:
                         yield txn
                         if txn:
                             await self._commit(txn)
+                        _release_holders(txn)
+                        while self._deferred_frees:
+                            await self._free_deferred(self._deferred_frees.pop())
                         if write and time.monotonic() - self._last_flush >= self.commit_interval:
                             await self._flush()
                     except FsWithdrawn:
@@ -221,8 +248,7 @@ class FileSystem(NamespaceOps):
                     except Exception as e:  # noqa: BLE001 - anything else is a withdraw
                         raise self._withdraw(f"{type(e).__name__}: {e}") from e
             finally:
-                for holder in txn.holders:
-                    holder.glock.release(holder)
+                _release_holders(txn)
 
     async def _commit(self, txn: FsTxn) -> None:
         assert self.journal is not None
@@ -252,15 +278,13 @@ class FileSystem(NamespaceOps):
         self.alloc.release_freed()
         self._last_flush = time.monotonic()
 
-    def _reserve(self, blocks: int) -> None:
-        """ENOSPC before anything changes, so no operation stops half done."""
-        if self.alloc.available < blocks + META_RESERVE:
-            raise FsError(errno.ENOSPC)
-
-    async def _reserve_flushing(self, blocks: int) -> None:
+    async def _reserve(self, blocks: int) -> None:
+        """ENOSPC before anything changes, so no operation stops half done. Called
+        before the operation modifies anything, so flushing here is safe."""
         if self.alloc.available < blocks + META_RESERVE and self.alloc.pinned:
             await self._flush()  # blocks freed since the last flush become usable
-        self._reserve(blocks)
+        if self.alloc.available < blocks + META_RESERVE:
+            raise FsError(errno.ENOSPC)
 
     async def _hold(
         self, txn: FsTxn, number: int, *, shared: bool = False, gl_type: int = LM_TYPE_INODE
@@ -285,20 +309,30 @@ class FileSystem(NamespaceOps):
     # ============================================================ glock hooks
 
     async def _inode_go_sync(self, glock: Glock) -> None:
+        """Before another node may use the inode: its blocks in place, none left to
+        replay. The mount does not track which blocks belong to which inode, so it
+        checkpoints the whole log: a superset, and exact for what the lock guards."""
         if self.journal is not None and not self.withdrawn and not self._unmounting:
-            await self.journal.sync_blocks([glock.number])
+            await self.journal.checkpoint()
+            self.alloc.release_freed()
 
     async def _inode_go_inval(self, glock: Glock) -> None:
+        """After giving the lock up: nothing cached about the inode may be trusted.
+        Its blocks are not tracked one by one, so the whole metadata cache goes (a
+        superset; newer images of our own still come back from the journal)."""
         ip = self.inodes.get(glock.number)
-        if ip is not None and ip.open_count == 0:
-            del self.inodes[glock.number]
-        self.cache.drop(glock.number)
+        if ip is not None:
+            ip.hash_table = None
+            if ip.open_count == 0:
+                del self.inodes[glock.number]
+        self.cache.clear()
         if self.invalidate_callback is not None:
             self.invalidate_callback(glock.number)
 
     async def _rgrp_go_sync(self, glock: Glock) -> None:
         if self.journal is not None and not self.withdrawn and not self._unmounting:
-            await self._flush()
+            await self.journal.checkpoint()
+            self.alloc.release_freed()
 
     async def _rgrp_go_inval(self, glock: Glock) -> None:
         self.alloc.invalidate()
@@ -309,8 +343,8 @@ class FileSystem(NamespaceOps):
         ip = self.inodes.get(ino)
         if ip is not None:
             return ip
-        if ino <= self.geo.sb_block or ino * self.bsize >= self.device.size:
-            raise FsError(errno.ESTALE, f"inode {ino} is outside the filesystem")
+        if self.alloc.rgrp_index_of(ino) is None:
+            raise FsError(errno.ESTALE, f"inode {ino} is not a block any rgrp holds")
         buf = await self.cache.read(ino)
         try:
             di = Dinode.unpack(buf)
@@ -318,11 +352,19 @@ class FileSystem(NamespaceOps):
             di = None
         if di is None or di.addr != ino:
             state = await self.alloc.state(ino)
-            if state == 0:
+            if state not in (BLKST_DINODE, BLKST_UNLINKED):
+                # A stale inode number: its block was freed, perhaps reused for data.
+                self.cache.drop(ino)
                 raise FsError(errno.ESTALE, f"inode {ino} no longer exists")
             raise FormatError(f"block {ino} should be a dinode but is not")
         if not di.has_valid_type():
             raise FormatError(f"dinode {ino} has an invalid mode {di.mode:o}")
+        if di.height > self.geo.max_height or di.depth > 17:
+            raise FormatError(f"dinode {ino}: height {di.height} / depth {di.depth} too large")
+        if di.height == 0 and di.size > self.geo.stuffed_size and not di.is_exhash():
+            raise FormatError(f"dinode {ino}: stuffed but {di.size} bytes long")
+        if di.blocks < 1:
+            raise FormatError(f"dinode {ino}: block count {di.blocks}")
         ip = Inode(ino, di)
         self.inodes[ino] = ip
         return ip
@@ -416,7 +458,18 @@ class FileSystem(NamespaceOps):
         return ip
 
     async def _dealloc(self, txn: FsTxn, ip: Inode) -> None:
-        """Free an inode with no links and no opens: every block, then the dinode."""
+        """Free an inode with no links and no opens: every block, then the dinode.
+
+        A file too big to free in one transaction (its bitmap changes alone would
+        not fit the log) is marked UNLINKED here and freed by `_free_deferred` in
+        slices, each its own transaction; a crash in between leaves an UNLINKED
+        orphan that the next mount finishes."""
+        if not ip.di.is_dir() and ip.di.blocks > self.free_slice_blocks:
+            if not ip.unlinked:
+                await self.alloc.set_unlinked(txn, ip.addr, True)
+                ip.unlinked = True
+            self._deferred_frees.append(ip)
+            return
         if ip.di.is_dir():
             await self.dirs.free_all(txn, ip)
         elif ip.di.height:
@@ -430,6 +483,27 @@ class FileSystem(NamespaceOps):
         self.inodes.pop(ip.addr, None)
         self.cache.drop(ip.addr)
         self.glocks.forget(LM_TYPE_INODE, ip.addr)
+
+    async def _free_deferred(self, ip: Inode) -> None:
+        """Free a big unlinked file a slice of logical blocks at a time."""
+        bs = self.bsize
+        end = -(-ip.di.size // bs)
+        while ip.di.height and ip.di.blocks > self.free_slice_blocks:
+            end = max(0, end - self.free_slice_blocks)
+            txn = FsTxn()
+            try:
+                await self.bmap.truncate(txn, ip, end, metadata_data=False)
+                await self._commit(txn)
+            finally:
+                _release_holders(txn)
+            if end == 0:
+                break
+        txn = FsTxn()
+        try:
+            await self._dealloc(txn, ip)
+            await self._commit(txn)
+        finally:
+            _release_holders(txn)
 
     async def _drop_link(self, txn: FsTxn, ip: Inode) -> None:
         ip.di.nlink -= 1 if not ip.di.is_dir() else ip.di.nlink
@@ -546,7 +620,7 @@ class FileSystem(NamespaceOps):
                     raise FsError(errno.EINVAL)
                 if changes.size > self.geo.heightsize[self.geo.max_height]:
                     raise FsError(errno.EFBIG)
-                self._reserve(self.geo.max_height + 1)
+                await self._reserve(self.geo.max_height + 1)
                 await self.files.truncate(txn, ip, changes.size)
                 if changes.mtime_ns is None:
                     di.mtime, di.mtime_nsec = _split_ns(now)
@@ -579,7 +653,28 @@ class FileSystem(NamespaceOps):
             ip = await self._inode(ino)
             if ip.di.is_dir():
                 raise FsError(errno.EISDIR)
-            return await self.files.read(ip, offset, size)
+            data = await self.files.read(ip, offset, size)
+        if not self.readonly and self._atime_due(ip):
+            async with self._op() as txn:
+                await self._hold(txn, ino)
+                if not ip.freed:
+                    self._stamp_atime(ip, txn)
+        return data
+
+    @staticmethod
+    def _atime_due(ip: Inode) -> bool:
+        """relatime, Linux's default: update atime when it is not newer than mtime
+        or ctime, or is a day old; a read costs a metadata write only that often."""
+        di = ip.di
+        atime = (di.atime, di.atime_nsec)
+        if atime <= (di.mtime, di.mtime_nsec) or atime <= (di.ctime, di.ctime_nsec):
+            return True
+        return time.time() - di.atime >= RELATIME_SECONDS
+
+    @staticmethod
+    def _stamp_atime(ip: Inode, txn: FsTxn) -> None:
+        ip.di.atime, ip.di.atime_nsec = _split_ns(time.time_ns())
+        txn.inodes.add(ip)
 
     async def write(self, ino: int, offset: int, data: bytes) -> int:
         if offset < 0:
@@ -588,27 +683,17 @@ class FileSystem(NamespaceOps):
         if end > self.geo.heightsize[self.geo.max_height] or end > (1 << 63) - 1:
             raise FsError(errno.EFBIG)
         blocks = -(-len(data) // self.bsize) + 2
-        await self._check_space(blocks + 2 * self.geo.max_height)
         async with self._op() as txn:
             await self._hold(txn, ino)
             ip = await self._inode(ino)
             if not ip.di.is_reg():
                 raise FsError(errno.EISDIR if ip.di.is_dir() else errno.EINVAL)
-            self._reserve(blocks + 2 * self.geo.max_height)
+            await self._reserve(blocks + 2 * self.geo.max_height)
             written = await self.files.write(txn, ip, offset, data)
+            # Clearing set-id bits on write is the kernel's job (it knows whether the
+            # writer has CAP_FSETID) and reaches us as a setattr of the mode.
             self._stamp(ip, txn, mtime=True)
-            if ip.di.mode & (stat.S_ISUID | stat.S_ISGID):
-                ip.di.mode &= ~stat.S_ISUID
-                if ip.di.mode & stat.S_IXGRP:
-                    ip.di.mode &= ~stat.S_ISGID
             return written
-
-    async def _check_space(self, blocks: int) -> None:
-        """Before the operation: flush to free pinned blocks if that is what it takes."""
-        if self.alloc.available < blocks + META_RESERVE and self.alloc.pinned:
-            async with self._lock:
-                self._check_alive(True)
-                await self._flush()
 
     async def fsync(self, ino: int, datasync: bool) -> None:
         self._check_alive(False)
@@ -622,6 +707,10 @@ class FileSystem(NamespaceOps):
                 raise self._withdraw(f"fsync failed: {e}") from e
 
     async def _open_file(self, ino: int) -> None:
+        ip = self.inodes.get(ino)
+        if ip is not None and self.withdrawn is None and not ip.freed:
+            ip.open_count += 1  # the hot path: nothing to read
+            return
         async with self._op(write=False):
             ip = await self._inode(ino)
             ip.open_count += 1
@@ -656,7 +745,7 @@ class FileSystem(NamespaceOps):
         async with self._op() as txn:
             await self._hold(txn, ino)
             ip = await self._inode(ino)
-            self._reserve(len(value) // self.geo.jbsize + 4)
+            await self._reserve(len(value) // self.geo.jbsize + 4)
             await self.xattrs.set(txn, ip, name, value, flags)
 
     async def listxattr(self, ino: int) -> list[bytes]:
@@ -671,11 +760,28 @@ class FileSystem(NamespaceOps):
 
     # ========================================================== background
 
+    async def serve_glock_demotes(self) -> None:
+        """Run the demotions other nodes ask for (blocking callbacks), each under
+        the mount lock so no operation sees its cache dropped half way. The FUSE
+        layer runs this in its nursery; with lock_nolock it simply waits."""
+        while not self._closed and self.withdrawn is None:
+            with trio.move_on_after(1.0):
+                await self.glocks.wait_for_demotes()
+            if self._closed or self.withdrawn is not None:
+                return
+            async with self._lock:
+                try:
+                    await self.glocks.run_demotes()
+                except (JournalError, DeviceError, FormatError) as e:
+                    self._withdraw(f"glock demotion failed: {e}")
+                    return
+
     async def run_periodic_flush(self) -> None:
         """Flush the log every commit_interval seconds (GFS2's commit= option); the
-        FUSE layer runs this in its nursery for the life of the mount."""
+        FUSE layer runs this in its nursery. Returns when the fs closes or withdraws."""
         while not self._closed and self.withdrawn is None and not self.readonly:
-            await trio.sleep(self.commit_interval)
+            with trio.move_on_after(self.commit_interval):
+                await self._closing.wait()
             if self._closed or self.withdrawn is not None:
                 return
             async with self._lock:

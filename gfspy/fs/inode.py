@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from gfspy.ondisk.dinode import Dinode
 
@@ -20,11 +20,8 @@ class Inode:
     unlinked: bool = False
     #: Exhash directories: the hash table (leaf block per slot), loaded on demand.
     hash_table: list[int] | None = None
-    #: Symlinks: the cached target.
-    target: bytes | None = None
     #: Deallocated: its block is free and it must never be written again.
     freed: bool = False
-    extra: dict = field(default_factory=dict)
 
     @property
     def ino(self) -> int:

@@ -54,7 +54,7 @@ class NamespaceOps(_Base):
             await self._hold(txn, parent)
             if await self.dirs.lookup(dip, name) is not None:
                 raise FsError(errno.EEXIST)
-            self._reserve(4)
+            await self._reserve(4)
             ip = await self._new_inode(txn, dip, mode, uid, gid, rdev)
             if target is not None:
                 await self.files.write(txn, ip, 0, target)
@@ -98,7 +98,7 @@ class NamespaceOps(_Base):
                 raise FsError(errno.EMLINK)
             if await self.dirs.lookup(dip, new_name) is not None:
                 raise FsError(errno.EEXIST)
-            self._reserve(2)
+            await self._reserve(2)
             await self.dirs.add(txn, dip, new_name, ip.di.inum, dt_from_mode(ip.di.mode))
             ip.di.nlink += 1
             self._stamp(ip, txn)
@@ -207,7 +207,7 @@ class NamespaceOps(_Base):
                         raise FsError(errno.ENOTEMPTY)
                 elif dip.di.is_dir():
                     raise FsError(errno.EISDIR)
-            self._reserve(4)
+            await self._reserve(4)
             await self._hold(txn, sip.addr)
             if dip is not None:
                 assert dst is not None

@@ -27,8 +27,9 @@ RENAME_EXCHANGE = 2
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 
-#: SetAttr time value meaning "the current time" (utimensat's UTIME_NOW).
-NOW = -1
+#: SetAttr time value meaning "the current time" (utimensat's UTIME_NOW); INT64_MIN,
+#: so that every real timestamp, even before 1970, stays expressible.
+NOW = -(1 << 63)
 
 
 class FsError(OSError):

@@ -151,8 +151,9 @@ class GlockTable:
         self.module = module
         self.ops = ops
         self.glocks: dict[tuple[int, int], Glock] = {}
-        module.set_blocking_callback(self._blocking_callback)
+        module.set_blocking_callback(self.blocking_callback)
         self._pending_demotes: list[tuple[int, int, int]] = []
+        self._demote_wanted = trio.Event()
 
     def get(self, gl_type: int, number: int) -> Glock:
         key = (gl_type, number)
@@ -173,9 +174,16 @@ class GlockTable:
         finally:
             glock.release(holder)
 
-    def _blocking_callback(self, gl_type: int, number: int, wanted: int) -> None:
+    def blocking_callback(self, gl_type: int, number: int, wanted: int) -> None:
         """Queued: the demotion itself runs in `run_demotes`, never inside the module."""
         self._pending_demotes.append((gl_type, number, wanted))
+        self._demote_wanted.set()
+
+    async def wait_for_demotes(self) -> None:
+        """Return once a blocking callback has queued a demotion."""
+        while not self._pending_demotes:
+            self._demote_wanted = trio.Event()
+            await self._demote_wanted.wait()
 
     async def run_demotes(self) -> None:
         """Serve demotion requests queued by the lock module."""

@@ -1,7 +1,7 @@
 """The interface between glocks and whatever grants cluster locks (nolock or the DLM).
 
 Glocks call `lock` to move a lock name to a new state; the module calls back
-`Glock.blocking_callback` when another node wants a conflicting state. Keeping this
+`GlockTable.blocking_callback` when another node wants a conflicting state. Keeping this
 narrow lets the DLM agent plug in later without touching the filesystem code.
 """
 

@@ -38,10 +38,14 @@ class Flood:
         self.ended = trio.Event()
 
     async def run(self) -> None:
+        await self.run_range(0, SLOTS)
+
+    async def run_range(self, first: int, end: int) -> None:
+        """Write slots first..end-1 until done or the server hangs up."""
         window = trio.Semaphore(self.depth)
 
         async def sender() -> None:
-            for slot in range(SLOTS):
+            for slot in range(first, end):
                 await window.acquire()
                 data = os.urandom(CHUNK)
                 self.payloads[slot] = data
@@ -275,3 +279,42 @@ async def test_sigterm_with_io_in_flight_exits_cleanly(start_blockd, tmp_path):
     assert code == 0
     assert "shutting down" in server.log_text()
     await client.aclose()
+
+
+@pytest.mark.timeout(90)
+async def test_fence_at_both_servers_of_one_lun_stops_both_paths(start_blockd, tmp_path):
+    """Two servers export one image (two paths to one LUN); the node floods both.
+    Once both confirmed, nothing the node sent through either path lands any more."""
+    disk = make_image(tmp_path / "lun.img", IMAGE)
+    servers = [start_blockd({"lun": disk}, workdir=f"server{i}") for i in (1, 2)]
+    floods = []
+    for server in servers:
+        client = await raw_open(server.nbd_port, "lun@nodeA:5")
+        floods.append(Flood(client, depth=16))
+    # Each path writes its own half of the slots, so the two floods never overlap.
+    async with trio.open_nursery() as nursery:
+        for i, flood in enumerate(floods):
+            nursery.start_soon(flood.run_range, i * (SLOTS // 2), (i + 1) * (SLOTS // 2))
+        while min(len(f.acked) for f in floods) < 100:
+            await trio.sleep(0.01)
+        answers = {}
+
+        async def fence_at(server) -> None:
+            answers[server.control] = await fence_node(server.control, "nodeA", epoch=3)
+
+        async with trio.open_nursery() as fencing:
+            for server in servers:
+                fencing.start_soon(fence_at, server)
+        assert all(a["status"] == "CONFIRMED" for a in answers.values()), answers
+        snapshot = disk.read_bytes()
+        assert all(len(f.acked) < SLOTS // 2 for f in floods), "a flood ended before the fence"
+        with trio.fail_after(30):
+            for flood in floods:
+                await flood.ended.wait()
+    await trio.sleep(1.0)
+    assert disk.read_bytes() == snapshot
+    for flood in floods:
+        for slot in flood.acked:
+            assert snapshot[slot * CHUNK : (slot + 1) * CHUNK] == flood.payloads[slot]
+        for slot in flood.refused:
+            assert snapshot[slot * CHUNK : (slot + 1) * CHUNK] == bytes(CHUNK)

@@ -274,9 +274,13 @@ class Cluster:
     def diagnose(self) -> str:
         """Exit codes and log tails of every node, for a failure message."""
         out = []
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGUSR1)  # stack dump into its log
+        time.sleep(0.5)
         for i, proc in sorted(self.procs.items()):
             lines = [ln for ln in self.log(i).splitlines() if "late by" not in ln]
-            out.append(f"--- node {i} (exit {proc.poll()}):\n" + "\n".join(lines[-15:]))
+            out.append(f"--- node {i} (exit {proc.poll()}):\n" + "\n".join(lines[-40:]))
         return "\n".join(out)
 
     def kill(self, i: int, sig: int = signal.SIGKILL) -> None:

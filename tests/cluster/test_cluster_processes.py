@@ -185,14 +185,40 @@ def test_manual_fence_waits_for_fence_ack(tmp_path, closing):
 
 
 @pytest.mark.timeout(60)
-def test_sigterm_stops_cleanly(tmp_path, closing):
-    cluster = Cluster(tmp_path, 2, fence=[{"method": "manual"}])
+def test_broken_fence_path_is_reported_at_start(tmp_path, closing):
+    missing = tmp_path / "fence_missing"
+    cluster = Cluster(tmp_path, 2, fence=[{"method": "agent", "command": str(missing)}])
     closing(cluster)
     cluster.start_all()
     cluster.wait_view([1, 2], [1, 2])
-    cluster.kill(1, signal.SIGTERM)
-    assert cluster.procs[1].returncode == 0
+    problems = wait_for(lambda: cluster.status(2)["fence_self_test"], 10, "the fence self-test")
+    assert problems == [f"fence agent {missing} is not an executable file"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "gfspy.admin.cli", "status", "--socket", cluster.socket(2)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert f"FENCE PATH BROKEN: fence agent {missing}" in shown.stdout
+
+
+@pytest.mark.timeout(60)
+def test_sigterm_leaves_cleanly_without_being_fenced(tmp_path, closing):
+    agent, log, _ = write_agent(tmp_path)
+    cluster = Cluster(tmp_path, 3, fence=[{"method": "agent", "command": str(agent)}])
+    closing(cluster)
+    cluster.start_all()
+    cluster.wait_view([1, 2, 3], [1, 2, 3])
+    cluster.kill(1, signal.SIGTERM)  # the coordinator and fence actor, even
+    assert cluster.procs[1].returncode == 0, cluster.diagnose()
     assert "Traceback" not in cluster.log(1)
+    epoch = cluster.wait_view([2, 3], [2, 3])
+    for i in (2, 3):
+        status = cluster.status(i)
+        committed = [d for k, e, d in events(status, epoch) if k == "view_committed"]
+        assert "removed [] left [1]" in committed[0]
+        assert fences(status) == [] and not [f for f in status["fences"] if not f["done"]]
+    assert agent_calls(log) == []
+    cluster.start(1)  # and it may come back
+    cluster.wait_view([1, 2, 3], [1, 2, 3])
 
 
 def nbd_size(server: BlockServer, node: str, incarnation: int) -> int | None:

@@ -3,6 +3,9 @@ its fence is confirmed, and the LVB it held under EX is marked invalid."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 
 from .harness import BlockServer, Cluster, agent_calls, events, fences, wait_for, write_agent
@@ -116,6 +119,13 @@ def test_storage_fence_then_lock_handover(tmp_path, closing):
         status, "lock_granted", "journal-2"
     )
     assert f"{victim_inc:x}" in server.status()["fence_table"]["node3"]["banned"]
+    shown = subprocess.run(
+        [sys.executable, "-m", "gfspy.admin.cli", "lockdump", "fs1", "--socket",
+         cluster.socket(1)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert shown.returncode == 0, shown.stderr
+    assert "journal-2" in shown.stdout and "EX  master" in shown.stdout
 
 
 @pytest.mark.timeout(120)

@@ -57,6 +57,7 @@ class Sim:
         self.drop: callable | None = None  # (src, dst, send) -> bool
         self.now = 0.0
         self.persisted: dict[int, int] = {}
+        self.commits: dict[int, list[ViewCommitted]] = {}
         for i in range(1, n + 1):
             self.start(i, incarnation=100 + i)
 
@@ -92,6 +93,7 @@ class Sim:
                 self.queue.append((node_id, a.node_id, a))
             elif isinstance(a, ViewCommitted):
                 self.views[node_id].append((a.view.epoch, a.view.member_ids))
+                self.commits.setdefault(node_id, []).append(a)
             elif isinstance(a, Expelled):
                 self.expelled[node_id] = a.reason
             elif isinstance(a, ChangeBegan):
@@ -366,3 +368,21 @@ def test_one_way_link_failure_drops_the_higher_node():
     sim.run()
     assert {sim.members(i) for i in (1, 2, 4)} == {(1, 2, 4)}
     assert_same_history(sim, [1, 2, 4])
+
+
+@pytest.mark.timeout(10)
+def test_clean_leave_is_removed_without_fencing():
+    sim = Sim(5)
+    sim.run()
+    sim.handle(1, sim.nodes[1].leave())  # the coordinator itself leaves
+    sim.step()
+    sim.kill(1)
+    sim.run()
+    assert {sim.members(i) for i in (2, 3, 4, 5)} == {(2, 3, 4, 5)}
+    last = {i: sim.commits[i][-1] for i in (2, 3, 4, 5)}
+    assert all(c.left == {1: 101} and c.removed == {} for c in last.values())
+    assert all(c.view.removed == frozenset() for c in last.values())
+    # A node that just dies is still "removed", i.e. fenced.
+    sim.kill(4)
+    sim.run()
+    assert sim.commits[2][-1].removed == {4: 104} and sim.commits[2][-1].left == {}

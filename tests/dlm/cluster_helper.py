@@ -69,3 +69,11 @@ class LoopbackCluster:
 
     def masters_of(self, name: bytes) -> list[int]:
         return [n for n, ls in self.spaces.items() if name in ls.masters and ls.masters[name].locks]
+
+
+async def eventually(predicate, timeout: float = 10.0) -> None:
+    """Wait until `predicate()` holds; fails the test after `timeout` seconds (a hang
+    guard for a loaded machine, not a time the test asserts)."""
+    with trio.fail_after(timeout):
+        while not predicate():
+            await trio.sleep(0.01)

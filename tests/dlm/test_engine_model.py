@@ -21,7 +21,6 @@ from gfspy.dlm.modes import (
     EUNLOCK,
     DLMError,
     Flag,
-    Mode,
     SBFlag,
     validate_convert,
     validate_request,
@@ -411,15 +410,13 @@ def run_one_step(rng, r, m, keys):
 
 
 @pytest.mark.timeout(120)
-@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5, 6, 7, 8])
 def test_engine_matches_reference_model(seed):
     rng = random.Random(seed)
     keys = [f"k{i}" for i in range(rng.choice([3, 5, 8]))]
     r, m = Resource(b"res"), Model()
-    steps = 0
-    for _ in range(4000):
+    for _ in range(5000):
         run_one_step(rng, r, m, keys)
-        steps += 1
         if rng.random() < 0.01 and m.locks:
             dead = set(rng.sample(sorted(m.locks), k=max(1, len(m.locks) // 3)))
             r.purge(lambda key, dead=dead: key in dead)
@@ -429,7 +426,6 @@ def test_engine_matches_reference_model(seed):
             m.purge(dead)
             assert per_lock(got) == per_lock(m.out)
             assert snapshot_engine(r) == snapshot_model(m)
-    assert steps == 4000
 
 
 @pytest.mark.timeout(30)
@@ -457,4 +453,3 @@ def test_model_run_exercises_every_outcome():
     finally:
         Model.cast = original
     assert {0, -errno.EAGAIN, EDEADLK, ECANCEL, "demoted", "alt", "valnotvalid"} <= seen
-    assert Mode.EX == EX

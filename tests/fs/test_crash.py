@@ -32,15 +32,16 @@ async def _churn(fs, parent: int, tag: bytes, count: int) -> None:
     await fs.write(big, 50 << 20, b"end")
 
 
-@pytest.mark.timeout(120)
-async def test_crash_copies_replay_clean_and_keep_fsynced_data(tmp_path):
+@pytest.mark.timeout(150)
+@pytest.mark.parametrize("commit_interval", [3600, 0.005], ids=["fsync-only", "log-wraps"])
+async def test_crash_copies_replay_clean_and_keep_fsynced_data(tmp_path, commit_interval):
     img = make_image(tmp_path / "fs.img")
     synced: dict[bytes, bytes] = {}
     snapshots = []
-    async with mounted(img, commit_interval=3600) as fs:
+    async with mounted(img, commit_interval=commit_interval) as fs:
         root = fs.root_ino
         for round_no in range(3):
-            await _churn(fs, root, b"round%d" % round_no, 60)
+            await _churn(fs, root, b"round%d" % round_no, 60 if commit_interval > 1 else 240)
             name = b"synced%d" % round_no
             data = os.urandom(10_000 + round_no * 300_000)
             ino = await write_file(fs, root, name, data)
@@ -51,6 +52,8 @@ async def test_crash_copies_replay_clean_and_keep_fsynced_data(tmp_path):
             copy = tmp_path / f"crash{round_no}.img"
             shutil.copyfile(img, copy)
             snapshots.append((copy, dict(synced)))
+        if commit_interval < 1:  # the many small commits filled the log: it wrapped
+            assert fs.journal.forced_checkpoints > 0
 
     for copy, expect in snapshots:
         _, lines = fsck_gfs2(copy, "-n")
@@ -91,6 +94,10 @@ async def test_open_unlinked_file_lives_until_release_and_crash_frees_it(tmp_pat
         await fs.release(ino)
         after = await fs.statfs()
         assert after.bfree == before.bfree
+        # Unmounting with an unlinked file still open frees it too.
+        ino = await write_file(fs, root, b"open-at-unmount", b"q" * 50_000)
+        await fs.open(ino)
+        await fs.unlink(root, b"open-at-unmount")
     assert_clean(img)
 
     async with mounted(crash) as fs:

@@ -78,8 +78,9 @@ async def test_long_names_grow_an_unstuffed_table(tmp_path):
 
 
 @pytest.mark.timeout(60)
-async def test_readdir_cookies_survive_changes(tmp_path):
-    img = make_image(tmp_path / "fs.img")
+@pytest.mark.parametrize("bsize", [4096, 512])
+async def test_readdir_cookies_survive_changes(tmp_path, bsize):
+    img = make_image(tmp_path / "fs.img", bsize=bsize)
     async with mounted(img) as fs:
         d = (await fs.mkdir(fs.root_ino, b"d", 0o755, 0, 0)).ino
         names = [b"e%d" % i for i in range(3000)]

@@ -16,6 +16,9 @@ from gfspy.glock import (
     NoLock,
 )
 from gfspy.glock.glock import LM_TYPE_INODE
+from gfspy.ondisk.dinode import Dinode
+
+from .helpers import assert_clean, make_image, mounted, write_file
 
 
 def _table(events: list[str]) -> GlockTable:
@@ -74,7 +77,7 @@ async def test_demote_waits_for_holder_and_blocking_callback_queues():
     table = _table(events)
     glock = table.get(LM_TYPE_INODE, 3)
     holder = await glock.acquire(LM_ST_EXCLUSIVE)
-    table._blocking_callback(LM_TYPE_INODE, 3, LM_ST_SHARED)  # what a DLM would send
+    table.blocking_callback(LM_TYPE_INODE, 3, LM_ST_SHARED)  # what a DLM would send
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(table.run_demotes)
@@ -82,3 +85,31 @@ async def test_demote_waits_for_holder_and_blocking_callback_queues():
         assert events == []  # still held: the demotion waits
         glock.release(holder)
     assert events == ["sync 3", "inval 3"] and glock.state == LM_ST_SHARED
+
+
+@pytest.mark.timeout(30)
+async def test_demoting_an_inode_glock_syncs_and_invalidates(tmp_path):
+    """What another node's request does to a mounted fs: the inode's metadata is
+    written in place (readable straight from the device, no replay needed), the
+    FUSE layer is told to drop its cache, and the next operation relocks."""
+    img = make_image(tmp_path / "fs.img", size_mib=64)
+    invalidated: list[int] = []
+    async with mounted(img, commit_interval=3600) as fs:
+        fs.invalidate_callback = invalidated.append
+        ino = await write_file(fs, fs.root_ino, b"f", b"in place")
+        glock = fs.glocks.get(LM_TYPE_INODE, ino)
+        assert glock.state == LM_ST_EXCLUSIVE
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fs.serve_glock_demotes)
+            fs.glocks.blocking_callback(LM_TYPE_INODE, ino, LM_ST_EXCLUSIVE)
+            with trio.fail_after(10):
+                while glock.state != LM_ST_UNLOCKED:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+        assert invalidated == [ino]
+        raw = img.read_bytes()[ino * 4096 : (ino + 1) * 4096]
+        assert Dinode.unpack(raw).size == 8 and raw[232:240] == b"in place"
+        await fs.write(ino, 8, b", again")
+        assert await fs.read(ino, 0, 100) == b"in place, again"
+        assert glock.state == LM_ST_EXCLUSIVE
+    assert_clean(img)

@@ -34,3 +34,20 @@ async def test_corrupt_dinode_withdraws_without_writing(tmp_path):
             await fs.create(fs.root_ino, b"new", 0o100644, 0, 0)
         assert info.value.errno == errno.EIO
     assert hashlib.sha256(img.read_bytes()).hexdigest() == before
+
+
+@pytest.mark.timeout(30)
+async def test_stale_inode_numbers_are_estale_not_a_withdraw(tmp_path):
+    img = make_image(tmp_path / "fs.img", size_mib=64)
+    async with mounted(img) as fs:
+        data = await write_file(fs, fs.root_ino, b"data", b"")
+        ino = await write_file(fs, fs.root_ino, b"gone", b"x")
+        await fs.unlink(fs.root_ino, b"gone")
+        await fs.fsync(ino, False)  # the freed block may now be handed out for data
+        await fs.write(data, 0, bytes(range(256)) * 64)
+        for stale in (ino, 1, 17, 10**12):
+            with pytest.raises(FsError) as info:
+                await fs.getattr(stale)
+            assert info.value.errno == errno.ESTALE, stale
+        assert fs.withdrawn is None
+        assert (await fs.getattr(data)).size == 16384

@@ -1,0 +1,1 @@
+"""The pyfuse3 adapter and mount.gfspy: kernel requests in, gfspy.fs calls out."""
