@@ -145,7 +145,9 @@ async def handle_control(
                         return
                     decoder.receive_data(data)
                     continue
-                log.info("control %s: %s", peer, {k: v for k, v in request.items()})
+                # STATUS is polled by cluster daemons: keep it out of the INFO log.
+                level = logging.DEBUG if request.get("op") == "STATUS" else logging.INFO
+                log.log(level, "control %s: %s", peer, request)
                 answer = await dispatch(server, request)
                 await channel.send_all(encode_frame(answer))
     except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError, ssl.SSLError) as e:

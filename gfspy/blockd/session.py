@@ -390,7 +390,7 @@ class Session:
                 return False
 
     def _submit(self, req: wire.Request, payload: sp.Payload) -> None:
-        """Trio thread: refuse now, or count the operation and queue it for a worker."""
+        """Trio thread: refuse now, or queue the request for an I/O worker."""
         refusal = self._refusal()
         if refusal:
             release_payload(payload)

@@ -8,8 +8,12 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import trio
+
+from gfspy.nbd.wire import Cmd, NbdErrno, TransmissionFlag
 
 from .conftest import make_image
+from .harness import RawNbd
 
 
 def run(*cmd: str, timeout: float = 60) -> subprocess.CompletedProcess:
@@ -95,12 +99,20 @@ def test_qemu_img_info_and_convert_both_ways(start_blockd, tmp_path):
 
 
 @pytest.mark.timeout(60)
-def test_read_only_export_refuses_writes(start_blockd, tmp_path):
+async def test_read_only_export_refuses_writes(start_blockd, tmp_path):
     disk = make_image(tmp_path / "disk.img", 1 << 20)
     server = start_blockd({"disk": disk}, "--read-only")
     source = random_file(tmp_path / "source.img", 1 << 20)
-    result = run("nbdcopy", str(source), server.uri("disk"))
-    assert result.returncode != 0
+    result = await trio.to_thread.run_sync(run, "nbdcopy", str(source), server.uri("disk"))
+    assert result.returncode != 0  # libnbd sees READ_ONLY and refuses by itself
+    # A client that ignores the flag gets EPERM from the server.
+    client = await RawNbd.connect(server.nbd_port)
+    await client.open("disk")
+    assert client.flags & TransmissionFlag.READ_ONLY
+    for cmd, payload in ((Cmd.WRITE, b"w" * 4096), (Cmd.TRIM, b""), (Cmd.WRITE_ZEROES, b"")):
+        assert (await client.call(cmd, 0, 4096, payload))[0] == NbdErrno.EPERM
+    assert await client.call(Cmd.READ, 0, 4096) == (0, bytes(4096))
+    await client.aclose()
     assert disk.read_bytes() == bytes(1 << 20)
 
 
