@@ -147,9 +147,14 @@ class Resource:
         return self._take_events()
 
     def convert(
-        self, key: Hashable, mode: int, flags: int = 0, lvb: bytes | None = None
+        self,
+        key: Hashable,
+        mode: int,
+        flags: int = 0,
+        lvb: bytes | None = None,
+        wants_bast: bool | None = None,
     ) -> list[Event]:
-        """Convert a granted lock to `mode`."""
+        """Convert a granted lock to `mode` (a conversion may set a new bast handler)."""
         lock = self._find(key)
         if lock.queue != GRANTED:
             raise DLMError(errno.EBUSY, f"lock {key!r} is not granted (it is {lock.queue})")
@@ -157,6 +162,8 @@ class Resource:
         lock.rqmode = mode
         lock.flags = flags | Flag.CONVERT
         lock.sbflags = 0
+        if wants_bast is not None:
+            lock.wants_bast = wants_bast
         if lvb is not None:
             lock.lvb = lvb
         self._do_convert(lock)

@@ -463,7 +463,10 @@ class Lockspace:
                 h.lvb,
             )
         elif action == CONVERT:
-            self._send(master, MsgType.CONVERT, h.name, h.lkid, h.op_mode, h.op_flags, h.lvb)
+            self._send(
+                master, MsgType.CONVERT, h.name, h.lkid, h.op_mode, h.op_flags,
+                h.bast is not None, h.lvb,
+            )  # fmt: skip
         elif action == UNLOCK:
             self._send(master, MsgType.UNLOCK, h.name, h.lkid, h.unlock_flags, h.lvb)
         else:
@@ -564,7 +567,9 @@ class Lockspace:
             if action == REQUEST:
                 events = res.request(key, mode, flags & ~Flag.NOEXP, lvb, wants_bast)
             elif action == CONVERT:
-                events = res.convert(key, mode, flags & ~(Flag.CONVERT | Flag.NOEXP), lvb)
+                events = res.convert(
+                    key, mode, flags & ~(Flag.CONVERT | Flag.NOEXP), lvb, wants_bast
+                )
             elif action == UNLOCK:
                 events = res.unlock(key, flags, lvb)
             else:
@@ -659,7 +664,14 @@ class Lockspace:
             )
         elif t is MsgType.CONVERT:
             self._master_apply(
-                msg.from_node, f["lkid"], f["name"], CONVERT, f["mode"], f["flags"], f["lvb"], False
+                msg.from_node,
+                f["lkid"],
+                f["name"],
+                CONVERT,
+                f["mode"],
+                f["flags"],
+                f["lvb"],
+                f["wants_bast"],
             )
         elif t is MsgType.UNLOCK:
             self._master_apply(

@@ -181,7 +181,10 @@ _SCHEMAS: dict[MsgType, tuple[tuple[str, type], ...]] = {
         ("name", _NAME), ("lkid", int), ("mode", int), ("flags", int),
         ("wants_bast", bool), ("lvb", _OptBytes),
     ),
-    MsgType.CONVERT: (("name", _NAME), ("lkid", int), ("mode", int), ("flags", int), ("lvb", _OptBytes)),
+    MsgType.CONVERT: (
+        ("name", _NAME), ("lkid", int), ("mode", int), ("flags", int), ("wants_bast", bool),
+        ("lvb", _OptBytes),
+    ),
     MsgType.UNLOCK: (("name", _NAME), ("lkid", int), ("flags", int), ("lvb", _OptBytes)),
     MsgType.CANCEL: (("name", _NAME), ("lkid", int)),
     MsgType.CAST: (

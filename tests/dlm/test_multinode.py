@@ -567,3 +567,40 @@ async def test_cancelled_lock_call_leaves_no_lock_behind():
         assert again.mode == EX
         await c.close()
         nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
+async def test_remote_deadlock_noqueuebast_and_lvb_on_unlock():
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 3)
+        s1, s2, s3 = c.spaces[1], c.spaces[2], c.spaces[3]
+        await s3.lock(b"dl", NL)  # node 3 masters it; everything below is remote for 1, 2
+        a = await s1.lock(b"dl", NL)
+        b = await s2.lock(b"dl", PR)
+        keeper = await s1.lock(b"dl", PR)  # keeps b's conversion blocked
+        s1.request_convert(a, EX)  # queued: NL->EX waits for the PRs
+        await trio.sleep(0.05)
+        with pytest.raises(OSError) as exc:
+            await s2.convert(b, EX)  # a is ahead wanting EX, which b's PR blocks
+        assert exc.value.errno == errno.EDEADLK and b.mode == PR
+        await s1.unlock(keeper)
+        await s2.unlock(b)
+        assert await a.wait() == 0 and a.mode == EX
+        # a try-lock with NOQUEUEBAST still tells the holder it is in the way (a
+        # conversion may install a bast handler, as with the kernel DLM)
+        basts = []
+        a.bast = lambda h, mode: basts.append(mode)
+        await s1.convert(a, EX)
+        with pytest.raises(OSError):
+            await s2.lock(b"dl", PR, Flag.NOQUEUE | Flag.NOQUEUEBAST)
+        await eventually(lambda: basts == [PR])
+        # unlock from EX writes the value block; IVVALBLK invalidates it
+        writer = await s2.lock(b"lvb", EX, Flag.VALBLK, lvb=bytes(32))
+        await s2.unlock(writer, Flag.VALBLK, lvb=b"v".ljust(32, b"\0"))
+        reader = await s1.lock(b"lvb", PW, Flag.VALBLK, lvb=bytes(32))
+        assert reader.lvb.rstrip(b"\0") == b"v" and reader.lvbseq == 1
+        await s1.unlock(reader, Flag.IVVALBLK)
+        again = await s3.lock(b"lvb", CR, Flag.VALBLK, lvb=bytes(32))
+        assert again.sbflags & SBFlag.VALNOTVALID
+        await c.close()
+        nursery.cancel_scope.cancel()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
+import subprocess
+import sys
 
 import msgpack
 import pytest
@@ -203,3 +206,24 @@ async def test_peer_that_never_acknowledges_is_reported_once():
         silent.close()
         await a.aclose()
         nursery.cancel_scope.cancel()
+
+
+def test_directory_node_is_stable_and_spread_over_members():
+    from collections import Counter
+
+    from gfspy.dlm.directory import Directory, directory_node, name_hash
+
+    members = (1, 2, 5, 9)
+    names = [f"inode-{i}".encode() for i in range(4000)]
+    spread = Counter(directory_node(n, members) for n in names)
+    assert set(spread) == set(members)
+    assert min(spread.values()) > 4000 / len(members) / 2  # no member starved
+    # every node must compute the same answer: not Python's per-process salted hash()
+    other = subprocess.run(
+        [sys.executable, "-c", "from gfspy.dlm.directory import name_hash; print(name_hash(b'inode-1'))"],
+        env={**os.environ, "PYTHONHASHSEED": "12345"}, capture_output=True, text=True, check=True,
+        cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    )  # fmt: skip
+    assert int(other.stdout) == name_hash(b"inode-1")
+    d = Directory()
+    assert d.lookup(b"x", 5) == 5 and d.lookup(b"x", 9) == 5  # first asker masters
