@@ -36,6 +36,7 @@ from gfspy.fs.types import (
     SetAttr,
     StatFs,
 )
+from gfspy.fs.xattr_ops import XattrOps
 from gfspy.fs.xattrs import Xattrs
 from gfspy.glock.glock import (
     LM_ST_EXCLUSIVE,
@@ -101,7 +102,7 @@ class _HybridMethod:
         return self.instance_func.__get__(obj, owner)
 
 
-class FileSystem(NamespaceOps):
+class FileSystem(NamespaceOps, XattrOps):
     """One mounted GFS2 filesystem on one journal."""
 
     def __init__(
@@ -326,8 +327,11 @@ class FileSystem(NamespaceOps):
             if ip.open_count == 0:
                 del self.inodes[glock.number]
         self.cache.clear()
-        if self.invalidate_callback is not None:
-            self.invalidate_callback(glock.number)
+        if self.invalidate_callback is not None and not self._unmounting:
+            try:
+                self.invalidate_callback(glock.number)
+            except Exception:  # noqa: BLE001 - the kernel cache is advisory here
+                log.exception("inode %d: kernel cache invalidation failed", glock.number)
 
     async def _rgrp_go_sync(self, glock: Glock) -> None:
         if self.journal is not None and not self.withdrawn and not self._unmounting:
@@ -505,6 +509,21 @@ class FileSystem(NamespaceOps):
         finally:
             _release_holders(txn)
 
+    async def _shrink_in_slices(self, ip: Inode, size: int) -> None:
+        """Cut a big file down from the end, one transaction per slice, so no single
+        transaction outgrows the log. Each slice leaves a consistent, shorter file."""
+        bs = self.bsize
+        end = -(-ip.di.size // bs)
+        target = -(-size // bs)
+        while ip.di.blocks > self.free_slice_blocks and end > target:
+            end = max(target, end - self.free_slice_blocks)
+            txn = FsTxn()
+            try:
+                await self.files.truncate(txn, ip, max(size, end * bs))
+                await self._commit(txn)
+            finally:
+                _release_holders(txn)
+
     async def _drop_link(self, txn: FsTxn, ip: Inode) -> None:
         ip.di.nlink -= 1 if not ip.di.is_dir() else ip.di.nlink
         self._stamp(ip, txn)
@@ -621,6 +640,8 @@ class FileSystem(NamespaceOps):
                 if changes.size > self.geo.heightsize[self.geo.max_height]:
                     raise FsError(errno.EFBIG)
                 await self._reserve(self.geo.max_height + 1)
+                if changes.size < di.size and di.height and di.blocks > self.free_slice_blocks:
+                    await self._shrink_in_slices(ip, changes.size)
                 await self.files.truncate(txn, ip, changes.size)
                 if changes.mtime_ns is None:
                     di.mtime, di.mtime_nsec = _split_ns(now)
@@ -731,32 +752,8 @@ class FileSystem(NamespaceOps):
     async def forget(self, ino: int) -> None:
         ip = self.inodes.get(ino)
         if ip is not None and ip.open_count == 0 and not ip.unlinked:
+            # Only the table entry goes: an operation in flight keeps its reference.
             del self.inodes[ino]
-            ip.hash_table = None
-
-    # ================================================================ xattrs
-
-    async def getxattr(self, ino: int, name: bytes) -> bytes:
-        async with self._op(write=False) as txn:
-            await self._hold(txn, ino, shared=True)
-            return await self.xattrs.get(await self._inode(ino), name)
-
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int) -> None:
-        async with self._op() as txn:
-            await self._hold(txn, ino)
-            ip = await self._inode(ino)
-            await self._reserve(len(value) // self.geo.jbsize + 4)
-            await self.xattrs.set(txn, ip, name, value, flags)
-
-    async def listxattr(self, ino: int) -> list[bytes]:
-        async with self._op(write=False) as txn:
-            await self._hold(txn, ino, shared=True)
-            return await self.xattrs.list(await self._inode(ino))
-
-    async def removexattr(self, ino: int, name: bytes) -> None:
-        async with self._op() as txn:
-            await self._hold(txn, ino)
-            await self.xattrs.remove(txn, await self._inode(ino), name)
 
     # ========================================================== background
 

@@ -10,6 +10,7 @@ import errno
 import stat
 from typing import TYPE_CHECKING
 
+from gfspy.fs.acl import ACCESS_ACL, DEFAULT_ACL, inherit_acl
 from gfspy.fs.dirs import Found
 from gfspy.fs.inode import Inode
 from gfspy.fs.txn import FsTxn
@@ -54,8 +55,16 @@ class NamespaceOps(_Base):
             await self._hold(txn, parent)
             if await self.dirs.lookup(dip, name) is not None:
                 raise FsError(errno.EEXIST)
-            await self._reserve(4)
+            await self._reserve(8)
+            default_acl = await self._default_acl(dip)
+            access_acl = None
+            if default_acl is not None and not stat.S_ISLNK(mode):
+                mode, access_acl = inherit_acl(default_acl, mode)
             ip = await self._new_inode(txn, dip, mode, uid, gid, rdev)
+            if access_acl is not None:
+                await self.xattrs.set(txn, ip, ACCESS_ACL, access_acl, 0)
+            if default_acl is not None and stat.S_ISDIR(mode):
+                await self.xattrs.set(txn, ip, DEFAULT_ACL, default_acl, 0)
             if target is not None:
                 await self.files.write(txn, ip, 0, target)
             await self.dirs.add(txn, dip, name, ip.di.inum, dt_from_mode(mode))
@@ -63,6 +72,17 @@ class NamespaceOps(_Base):
                 dip.di.nlink += 1
             self._stamp(dip, txn, mtime=True)
             return self._attr(ip)
+
+    async def _default_acl(self, dip: Inode) -> bytes | None:
+        """The directory's default ACL, if it has one (new entries inherit it)."""
+        if not dip.di.eattr:
+            return None
+        try:
+            return await self.xattrs.get(dip, DEFAULT_ACL)
+        except FsError as e:
+            if e.errno == errno.ENODATA:
+                return None
+            raise
 
     async def create(
         self, parent: int, name: bytes, mode: int, uid: int, gid: int, rdev: int = 0

@@ -103,3 +103,23 @@ async def test_open_unlinked_file_lives_until_release_and_crash_frees_it(tmp_pat
     async with mounted(crash) as fs:
         assert (await fs.statfs()).bfree == before.bfree  # the next mount freed it
     assert_clean(crash)
+
+
+@pytest.mark.timeout(60)
+async def test_second_journal_on_a_mkfs_gfs2_image(tmp_path):
+    """Mounted with jid=1 on a two-journal mkfs.gfs2 image: journal1 takes the log,
+    and after a crash the next jid=1 mount replays exactly that journal."""
+    img = make_image(tmp_path / "fs.img", tool="mkfs.gfs2", extra=("-j", "2"))
+    async with mounted(img, jid=1) as fs:
+        ino = await write_file(fs, fs.root_ino, b"kept", b"journal one")
+        await fs.fsync(ino, False)
+        await _churn(fs, fs.root_ino, b"more", 20)
+        crash = tmp_path / "crash.img"
+        shutil.copyfile(img, crash)
+    _, lines = fsck_gfs2(crash, "-n")
+    assert any('"journal1") is dirty' in line for line in lines), lines
+    async with mounted(crash, jid=1) as fs:
+        attr = await fs.lookup(fs.root_ino, b"kept")
+        assert await read_all(fs, attr.ino) == b"journal one"
+    assert_clean(crash)
+    assert_clean(img)

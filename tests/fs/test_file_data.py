@@ -114,6 +114,9 @@ async def test_big_file_is_freed_in_slices(tmp_path):
         for i in range(6):
             await fs.write(ino, i << 20, bytes([i]) * (1 << 20))
         await fs.write(ino, 40 << 20, b"sparse tail")
+        await fs.setattr(ino, SetAttr(size=(3 << 20) + 5))  # a truncate, also sliced
+        assert await fs.read(ino, (3 << 20) - 2, 100) == bytes([2, 2, 3, 3, 3, 3, 3])
+        assert (await fs.getattr(ino)).blocks * 512 < (3 << 20) + 64 * 4096
         await fs.unlink(root, b"big")
         await fs.fsync(root, False)
         assert (await fs.statfs()).bfree == before.bfree

@@ -14,10 +14,17 @@ from gfspy.ondisk.constants import DIF_EA_INDIRECT
 
 from .helpers import assert_clean, make_image, mounted, write_file
 
-# A minimal POSIX ACL blob (version 2; user::rw- group::r-- other::r--).
-ACL = struct.pack("<I", 2) + b"".join(
-    struct.pack("<HHI", tag, perm, 0xFFFFFFFF) for tag, perm in ((1, 6), (4, 4), (32, 4))
-)
+
+def _acl(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL xattr value: version 2, then (tag, perm, id) little-endian."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+NO_ID = 0xFFFFFFFF
+# user::rwx user:1000:r-x group::r-- mask::r-x other::---  (needs storing)
+ACL = _acl((1, 7, NO_ID), (2, 5, 1000), (4, 4, NO_ID), (0x10, 5, NO_ID), (0x20, 0, NO_ID))
+# user::rw- group::r-- other::r--  (says no more than a mode: not stored)
+MINIMAL_ACL = _acl((1, 6, NO_ID), (4, 4, NO_ID), (0x20, 4, NO_ID))
 
 
 async def _errno_of(coro) -> int:
@@ -33,8 +40,27 @@ async def test_xattr_namespaces_flags_and_sizes(tmp_path):
     async with mounted(img) as fs:
         ino = await write_file(fs, fs.root_ino, b"f", b"data")
         d = (await fs.mkdir(fs.root_ino, b"d", 0o755, 0, 0)).ino
+        await fs.setxattr(ino, b"system.posix_acl_access", MINIMAL_ACL, 0)
+        assert (await fs.getattr(ino)).mode & 0o777 == 0o644  # the mode took it all
+        assert await _errno_of(fs.getxattr(ino, b"system.posix_acl_access")) == errno.ENODATA
         await fs.setxattr(ino, b"system.posix_acl_access", ACL, 0)
+        assert (await fs.getattr(ino)).mode & 0o777 == 0o750  # owner, mask, other
+        bad = ACL[:-8]  # no "other" entry
+        assert await _errno_of(fs.setxattr(ino, b"system.posix_acl_access", bad, 0)) == (
+            errno.EINVAL
+        )
         await fs.setxattr(d, b"system.posix_acl_default", ACL, 0)
+        # New entries inherit it: the mode and the default ACL restrict each other.
+        child = await fs.create(d, b"child", 0o100666, 0, 0)
+        assert child.mode & 0o777 == 0o640
+        inherited = await fs.getxattr(child.ino, b"system.posix_acl_access")
+        assert struct.unpack_from("<HHI", inherited, 4 + 8) == (2, 5, 1000)  # user:1000
+        sub = await fs.mkdir(d, b"sub", 0o777, 0, 0)
+        assert sub.mode & 0o777 == 0o750
+        assert await fs.getxattr(sub.ino, b"system.posix_acl_default") == ACL
+        assert await _errno_of(fs.setxattr(ino, b"system.posix_acl_default", ACL, 0)) == (
+            errno.EACCES
+        )
         await fs.setxattr(ino, b"security.selinux", b"system_u:object_r:tmp_t:s0\0", 0)
         await fs.setxattr(ino, b"trusted.overlay", b"y", 0)
         assert await _errno_of(fs.setxattr(ino, b"system.other", b"v", 0)) == errno.EOPNOTSUPP
