@@ -209,6 +209,7 @@ def _wrap(text: str) -> str:
 
 
 def register(subparsers: Any) -> None:
+    """Add status, lockdump and fence-ack to the `gfspy` command."""
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = subparsers.add_parser(

@@ -12,7 +12,7 @@ import sys
 
 import trio
 
-from gfspy.cluster.config import ConfigError, load_config
+from gfspy.cluster.config import ConfigError, load_config, load_key
 from gfspy.cluster.daemon import EXIT_EXPELLED, DaemonError, Expulsion, NodeDaemon
 
 log = logging.getLogger("gfspy.cluster")
@@ -27,7 +27,8 @@ order on a membership change:
 exit status:
   0  left the cluster on SIGTERM or SIGINT: locking stopped, then the members
      were told, so they remove this node without fencing it
-  1  could not start (heartbeat address or status socket unusable)
+  1  could not start (heartbeat address, status socket, state directory or
+     cluster key unusable), or could not record its epoch
   2  bad usage or bad cluster.toml
   3  this node was removed from the cluster (expelled); it must restart, which
      gives it a new incarnation that joins through fencing like any new node
@@ -84,6 +85,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Entry point; returns the exit status documented in --help."""
     parser = build_parser()
     args = parser.parse_args(argv)
     # `kill -USR1` dumps every thread's stack to stderr: how to see where a wedged
@@ -113,9 +115,17 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     else:
         incarnation = secrets.randbits(63) | 1
+    try:
+        key = load_key(config)
+    except ConfigError as exc:
+        print(f"gfspy-cluster: {exc}", file=sys.stderr)
+        return 1
+    if key is None:
+        log.warning("no [cluster] key_file: heartbeat and membership datagrams are not "
+                    "authenticated; use a trusted network")  # fmt: skip
     status_socket = args.status_socket or f"/run/gfspy/{config.name}-{args.node}.sock"
     daemon = NodeDaemon(
-        config, args.node, incarnation, status_socket, args.lockspace, args.state_dir
+        config, args.node, incarnation, status_socket, args.lockspace, args.state_dir, key
     )
     try:
         os.makedirs(os.path.dirname(status_socket) or ".", exist_ok=True)

@@ -37,6 +37,8 @@ class FenceMethod:
 
 @dataclass(frozen=True)
 class NodeConfig:
+    """One [[node]] entry."""
+
     node_id: int
     name: str
     address: str  # DLM listener "host:port"
@@ -47,6 +49,8 @@ class NodeConfig:
 
 @dataclass(frozen=True)
 class StorageServer:
+    """One [[storage]] entry: a gfspy-blockd export and its control channel."""
+
     name: str
     nbd: str  # NBD URI of the export
     control: str  # "host:port" of the gfspy-blockd control channel
@@ -54,6 +58,8 @@ class StorageServer:
 
 @dataclass(frozen=True)
 class QuorumConfig:
+    """[quorum]: votequorum's options."""
+
     expected_votes: int | None = None  # None: sum of node votes (+ witness votes)
     two_node: bool = False
     wait_for_all: bool = False
@@ -64,6 +70,8 @@ class QuorumConfig:
 
 @dataclass(frozen=True)
 class Timeouts:
+    """[timeouts], in seconds."""
+
     heartbeat_interval: float = 0.5
     failure_timeout: float = 5.0
     fence_retry: float = 1.0  # first retry delay; doubles after each failed round
@@ -78,12 +86,16 @@ class Timeouts:
 
 @dataclass(frozen=True)
 class ClusterConfig:
+    """The whole of cluster.toml, validated."""
+
     name: str
     nodes: tuple[NodeConfig, ...]
     storage: tuple[StorageServer, ...] = ()
     quorum: QuorumConfig = field(default_factory=QuorumConfig)
     timeouts: Timeouts = field(default_factory=Timeouts)
     path: str = ""
+    #: Shared secret authenticating heartbeat and membership datagrams (HMAC-SHA256).
+    key_file: str | None = None
 
     def node(self, node_id: int) -> NodeConfig:
         for node in self.nodes:
@@ -311,8 +323,11 @@ def parse_config(data: dict[str, Any], path: str = "") -> ClusterConfig:
     try:
         _check_keys(data, {"cluster", "node", "storage", "quorum", "timeouts"}, "top level")
         cluster = _take(data, "cluster", dict, "top level", _REQUIRED)
-        _check_keys(cluster, {"name"}, "[cluster]")
+        _check_keys(cluster, {"name", "key_file"}, "[cluster]")
         name = _take(cluster, "name", str, "[cluster]", _REQUIRED)
+        key_file = _take(cluster, "key_file", str, "[cluster]", None)
+        if key_file is not None and not key_file.startswith("/"):
+            raise ConfigError("[cluster]: key_file must be an absolute path")
         if not name or len(name) > 32 or not all(c.isalnum() or c in "-_" for c in name):
             raise ConfigError(
                 f"[cluster]: name {name!r} must be 1-32 letters, digits, '-' or '_' "
@@ -346,7 +361,31 @@ def parse_config(data: dict[str, Any], path: str = "") -> ClusterConfig:
         timeouts = _parse_timeouts(data.get("timeouts", {}))
     except ConfigError as exc:
         raise ConfigError(f"{prefix}{exc}") from None
-    return ClusterConfig(name, nodes, storage, quorum, timeouts, path)
+    return ClusterConfig(name, nodes, storage, quorum, timeouts, path, key_file)
+
+
+MIN_KEY_LEN = 16
+
+
+def load_key(config: ClusterConfig) -> bytes | None:
+    """The cluster key named by key_file (None when not configured); ConfigError if unusable.
+
+    Without a key anyone who can send UDP to a heartbeat port could forge a fence
+    confirmation or expel a node, so production clusters should set one.
+    """
+    if config.key_file is None:
+        return None
+    try:
+        with open(config.key_file, "rb") as f:
+            key = f.read().strip()
+    except OSError as exc:
+        raise ConfigError(f"{config.key_file}: cannot read cluster key: {exc.strerror}") from None
+    if len(key) < MIN_KEY_LEN:
+        raise ConfigError(
+            f"{config.key_file}: cluster key must be at least {MIN_KEY_LEN} bytes "
+            "(e.g. head -c 32 /dev/urandom | base64 > FILE)"
+        )
+    return key
 
 
 def load_config(path: str | Path) -> ClusterConfig:

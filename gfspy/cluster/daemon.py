@@ -52,6 +52,8 @@ class Expulsion(Exception):
 
 
 class NodeDaemon:
+    """One node's cluster daemon; `run()` until cancelled, `leave()` for a clean exit."""
+
     def __init__(
         self,
         config: ClusterConfig,
@@ -60,6 +62,7 @@ class NodeDaemon:
         status_socket: str | None = None,
         lockspaces: list[str] | tuple[str, ...] = (),
         state_dir: str | None = None,
+        key: bytes | None = None,
     ) -> None:
         self.config = config
         self.node = config.node(node_id)
@@ -70,6 +73,7 @@ class NodeDaemon:
         self.membership = Membership(config, node_id, incarnation, self.quorum)
         self.detector = FailureDetector(node_id, config.timeouts.failure_timeout)
         self.journal = EventJournal(node_id)
+        self._journaled_fences: set[tuple[int, int]] = set()
         self.fencer = Fencer(
             config, node_id, on_change=self._wake_fencing, my_incarnation=incarnation
         )
@@ -82,6 +86,7 @@ class NodeDaemon:
             incarnation,
             self.node.heartbeat,
             {n.node_id: n.heartbeat for n in config.nodes if n.node_id != node_id},
+            key=key,
         )
         self.state_file = (
             os.path.join(state_dir, f"{config.name}-node{node_id}.epoch") if state_dir else None
@@ -140,6 +145,16 @@ class NodeDaemon:
         self._fencing_wakeup.set()
         self._fencing_wakeup = trio.Event()
         self._update_join_gate()
+        # Journal every confirmation the moment it is known (ours or learned from the
+        # actor), whatever recovery pass is running: the order checks rely on it.
+        for key, case in self.fencer.cases.items():
+            if case.done and key not in self._journaled_fences:
+                self._journaled_fences.add(key)
+                self.journal.add(
+                    "fence_confirmed",
+                    self.membership.view.epoch,
+                    f"node {case.node_id} incarnation {case.incarnation:#x} {case.confirmed_by}",
+                )
 
     def _update_join_gate(self) -> None:
         # A pending startup fence must not keep out the very node it would be cancelled by.
@@ -445,37 +460,40 @@ class NodeDaemon:
     def _joined_needing_admit(self, view: Any) -> list[tuple[int, int]]:
         if not self.config.storage:
             return []
+        # A node's new incarnation is admitted only once its old one is fenced, so the
+        # ADMIT can never race with (or undo) the FENCE at the block server.
+        fencing = {c.node_id for c in self.fencer.outstanding()}
         return [
             (m.node_id, m.incarnation)
             for m in view.members
-            if (m.node_id, m.incarnation) not in self._admitted
+            if (m.node_id, m.incarnation) not in self._admitted and m.node_id not in fencing
         ]
 
     async def _admit(self, node_id: int, incarnation: int, epoch: int) -> None:
-        """Unfence: let a member's current incarnation at the block servers (idempotent)."""
+        """Unfence: admit a member's current incarnation at every block server.
+
+        Idempotent at the server; a server that refuses or cannot be reached is retried
+        by the fence manager (about once a second) until it accepts, since a member that
+        is not admitted cannot reach the storage."""
         from gfspy.blockd import control_client
 
         name = self.config.node(node_id).name
+        missing: list[str] = []
         for server in self.config.storage:
-            for attempt in range(5):
-                try:
-                    reply = await control_client.admit_node(
-                        server.control, name, incarnation, epoch, timeout=10.0
-                    )
-                    if reply.get("status") == "OK":
-                        break
-                    why = reply.get("reason", reply)
-                except control_client.ControlError as exc:
-                    why = str(exc)
-                log.warning(
-                    "node %d: ADMIT node %d at %s failed (try %d): %s",
-                    self.my_id,
-                    node_id,
-                    server.name,
-                    attempt + 1,
-                    why,
+            try:
+                reply = await control_client.admit_node(
+                    server.control, name, incarnation, epoch, timeout=10.0
                 )
-                await trio.sleep(1.0)
+                if reply.get("status") == "OK":
+                    continue
+                why = reply.get("reason", reply)
+            except control_client.ControlError as exc:
+                why = str(exc)
+            missing.append(server.name)
+            log.warning("node %d: ADMIT node %d (%#x) at %s failed: %s", self.my_id, node_id,
+                        incarnation, server.name, why)  # fmt: skip
+        if missing:
+            self._admitted.discard((node_id, incarnation))  # the manager tries again
 
     async def _fence_self_test(self) -> None:
         """Check the fence paths at start, so a broken one is found before it is needed
@@ -522,6 +540,7 @@ class NodeDaemon:
     # ----- admin endpoint ------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
+        """Everything `gfspy status` shows, as plain msgpack-able data."""
         view = self.membership.view
         alive = self.membership.alive
         q = self.local_quorum()
@@ -548,6 +567,7 @@ class NodeDaemon:
                 for m in view.members
             ],
             "heard": sorted(alive),
+            "heartbeat_rejected": self.socket.rejected,
             "quorum": q.as_dict(),
             "recovery": {
                 "stopped": self.driver.stopped,
@@ -591,6 +611,7 @@ class NodeDaemon:
                 log.debug("node %d: admin connection dropped: %s", self.my_id, exc)
 
     async def admin_request(self, request: dict[str, Any]) -> dict[str, Any]:
+        """Answer one admin request; errors become `ok: False` answers, never exceptions."""
         op = request.get("op")
         try:
             if op == "status":

@@ -12,6 +12,8 @@ and one that cannot is treated consistently as gone.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import socket
 from collections.abc import Awaitable, Callable
@@ -27,6 +29,7 @@ log = logging.getLogger(__name__)
 
 PROTOCOL_VERSION = 1
 MAX_DATAGRAM = 60000
+TAG_LEN = 32  # HMAC-SHA256
 
 
 @dataclass(frozen=True)
@@ -40,7 +43,8 @@ class Packet:
     body: dict[str, Any] = field(default_factory=dict)
 
 
-def encode_packet(packet: Packet) -> bytes:
+def encode_packet(packet: Packet, key: bytes | None = None) -> bytes:
+    """msgpack, then (with a cluster key) an HMAC-SHA256 tag over it."""
     data = msgpack.packb(
         [
             PROTOCOL_VERSION,
@@ -54,11 +58,20 @@ def encode_packet(packet: Packet) -> bytes:
     )
     if len(data) > MAX_DATAGRAM:
         raise ValueError(f"heartbeat packet of {len(data)} bytes is too large")
+    if key is not None:
+        data += hmac.new(key, data, hashlib.sha256).digest()
     return data
 
 
-def decode_packet(data: bytes) -> Packet | None:
-    """Decode a datagram; None for anything malformed (a stray packet must not crash us)."""
+def decode_packet(data: bytes, key: bytes | None = None) -> Packet | None:
+    """Decode a datagram; None for anything malformed or, with a key, not authentic.
+
+    A stray packet must not crash us; a forged one must not fence-confirm or expel.
+    """
+    if key is not None:
+        data, tag = data[:-TAG_LEN], data[-TAG_LEN:]
+        if not hmac.compare_digest(tag, hmac.new(key, data, hashlib.sha256).digest()):
+            return None
     try:
         fields = msgpack.unpackb(data, raw=False, strict_map_key=False)
     except Exception:  # msgpack raises several unrelated types for garbage
@@ -163,9 +176,17 @@ class HeartbeatSocket:
     """The UDP socket: send a packet to a node's heartbeat address, receive packets."""
 
     def __init__(
-        self, cluster: str, my_id: int, incarnation: int, bind: str, peers: dict[int, str]
+        self,
+        cluster: str,
+        my_id: int,
+        incarnation: int,
+        bind: str,
+        peers: dict[int, str],
+        key: bytes | None = None,
     ) -> None:
         self.cluster = cluster
+        self.key = key
+        self.rejected = 0  # datagrams dropped as malformed or not authentic
         self.my_id = my_id
         self.incarnation = incarnation
         self._bind = split_host_port(bind, 0, f"node {my_id}: heartbeat")
@@ -176,8 +197,13 @@ class HeartbeatSocket:
     async def open(self) -> None:
         family = socket.AF_INET6 if ":" in self._bind[0] else socket.AF_INET
         sock = trio.socket.socket(family, socket.SOCK_DGRAM)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        await sock.bind(self._bind)
+        # No SO_REUSEADDR: a second daemon for the same node must fail here, loudly,
+        # rather than share the address and split the node's identity in two.
+        try:
+            await sock.bind(self._bind)
+        except OSError:
+            sock.close()
+            raise
         self._sock = sock
 
     def close(self) -> None:
@@ -188,7 +214,9 @@ class HeartbeatSocket:
     async def send(self, node_id: int, kind: str, body: dict[str, Any]) -> None:
         if self._sock is None or node_id not in self._peers:
             return
-        data = encode_packet(Packet(self.cluster, self.my_id, self.incarnation, kind, body))
+        data = encode_packet(
+            Packet(self.cluster, self.my_id, self.incarnation, kind, body), self.key
+        )
         try:
             await self._sock.sendto(data, self._peers[node_id])
         except OSError as exc:
@@ -200,9 +228,16 @@ class HeartbeatSocket:
     async def receive_forever(self, handle: Callable[[Packet], Awaitable[None] | None]) -> None:
         assert self._sock is not None
         while True:
-            data, _addr = await self._sock.recvfrom(MAX_DATAGRAM + 1024)
-            packet = decode_packet(data)
-            if packet is None or packet.cluster != self.cluster or packet.sender == self.my_id:
+            data, addr = await self._sock.recvfrom(MAX_DATAGRAM + 1024)
+            packet = decode_packet(data, self.key)
+            if packet is None:
+                self.rejected += 1
+                if self.rejected in (1, 10, 100) or self.rejected % 1000 == 0:
+                    log.warning("node %d: dropped %d bad or unauthenticated heartbeat "
+                                "datagram(s), the latest from %s", self.my_id, self.rejected,
+                                addr)  # fmt: skip
+                continue
+            if packet.cluster != self.cluster or packet.sender == self.my_id:
                 continue
             result = handle(packet)
             if result is not None:

@@ -182,4 +182,5 @@ def _lock_text(row: dict[str, Any]) -> str:
 
 
 def open_lockspace(name: str, transport: Transport, journal: EventJournal) -> ClusterLockspace:
+    """The lockspace `name` on this node's DLM transport."""
     return ClusterLockspace(name, transport, journal)

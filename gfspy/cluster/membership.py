@@ -23,6 +23,16 @@ The protocol, and why it is safe:
   must stop (it restarts with a new incarnation, passing through fencing and a new join).
 * Joins wait while a fence is outstanding, so a joiner never starts locking before the
   survivors have fenced everyone who needed it (reference §2.9, "fence in progress").
+  The one exception is a restarted node replacing its own old incarnation: it joins in
+  the view that removes the old one, and like every member waits for that fence.
+* Epochs never repeat: the owner keeps the highest epoch acked in a state file and
+  restores it at start, so a node refuses proposals at or below it (a Paxos promise).
+* A clean leave (`leave()`, on SIGTERM) is announced; the member is then removed as
+  "left", which needs no fence. A node that just disappears is "removed" and fenced.
+* Links that fail in one place only: members gossip which members they heard and then
+  lost; the coordinator drops the higher id of such a pair. A stranger that gossips a
+  view of its own (another partition, an earlier cluster life) is told to stop when
+  our partition outranks its own ("stateful merge", reference §6.7).
 """
 
 from __future__ import annotations
@@ -44,6 +54,8 @@ MAX_REMOVED_HISTORY = 256
 
 @dataclass(frozen=True)
 class Proposal:
+    """A proposed view: what the coordinator asks every member to accept."""
+
     epoch: int
     prev_epoch: int
     coordinator: int
@@ -82,6 +94,8 @@ class Proposal:
 # Actions the owner must carry out.
 @dataclass(frozen=True)
 class Send:
+    """Send a membership message to one node (on the heartbeat socket)."""
+
     node_id: int
     kind: str
     body: dict[str, Any]
@@ -96,6 +110,8 @@ class ChangeBegan:
 
 @dataclass(frozen=True)
 class ViewCommitted:
+    """A view is agreed: the owner stops, fences `removed`, then starts the DLM."""
+
     view: View
     removed: dict[int, int]  # node id -> the incarnation that was removed (must be fenced)
     joined: dict[int, int]  # node id -> incarnation newly admitted
@@ -188,6 +204,7 @@ class Membership:
         ]
 
     def coordinator(self) -> int | None:
+        """Who proposes views in our partition (None: not us, and we are not a member)."""
         if self.expelled or self.has_left:
             return None
         if self.is_member:
@@ -240,6 +257,7 @@ class Membership:
         return []
 
     def heard_gossip(self, sender: int, incarnation: int, gossip: dict[str, Any]) -> list[Action]:
+        """A peer's heartbeat summary: completes lost commits, detects our own removal."""
         if self.expelled or self.alive.get(sender) != incarnation:
             return []
         try:

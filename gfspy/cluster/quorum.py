@@ -30,6 +30,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class QuorumStatus:
+    """The answer to 'may we act?', with the numbers behind it for status output."""
+
     quorate: bool
     votes: int  # node votes + witness votes counted
     expected_votes: int

@@ -42,6 +42,8 @@ class Lockspace(Protocol):
 
 @dataclass(frozen=True)
 class Event:
+    """One journal entry."""
+
     seq: int
     when: float
     kind: str
@@ -100,13 +102,21 @@ class RecoveryDriver:
         self.waiting_for = "the first view"
         self._pass_scope: trio.CancelScope | None = None
         self._pass_lock = trio.Lock()
+        self._start_scopes: set[trio.CancelScope] = set()
         self._nursery: trio.Nursery | None = None
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             task_status.started()
-            await trio.sleep_forever()
+            try:
+                await trio.sleep_forever()
+            finally:
+                # Shutting down: a DLM start() shielded from view changes must not keep
+                # the process alive.
+                for scope in self._start_scopes:
+                    scope.shield = False
+                    scope.cancel()
 
     async def wait_stopped(self) -> None:
         """Until every lockspace has been stopped (after change_began)."""
@@ -190,20 +200,21 @@ class RecoveryDriver:
             log.warning(
                 "node %d: view %d: recovery blocked until fenced: %s", self.my_id, epoch, names
             )
-            await self.fencer.wait_fenced(keys)
-            for n, i in keys:
-                case = self.fencer.cases[(n, i)]
-                self.journal.add(
-                    "fence_confirmed", epoch, f"node {n} incarnation {i:#x} {case.confirmed_by}"
-                )
+            await self.fencer.wait_fenced(keys)  # each confirmation is journaled as it lands
         self.journal.add("fencing_done", epoch)
         # From here the lockspaces count as started: a newer change must stop() them.
         self._lockspaces_stopped = False
         for ls in self.lockspaces:
             self.waiting_for = f"DLM recovery of lockspace {ls.name}"
             self.journal.add("ls_start", epoch, ls.name)
-            with trio.CancelScope(shield=True):
-                completed = await ls.start(view)
+            # Shielded from newer passes (they stop() the DLM, which aborts it cleanly);
+            # only daemon shutdown cancels it.
+            with trio.CancelScope(shield=True) as start_scope:
+                self._start_scopes.add(start_scope)
+                try:
+                    completed = await ls.start(view)
+                finally:
+                    self._start_scopes.discard(start_scope)
             if completed is False:
                 self.journal.add("ls_start_aborted", epoch, ls.name)
                 return  # a newer change stopped it; its own pass takes over

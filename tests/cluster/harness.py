@@ -162,6 +162,7 @@ class Cluster:
         quorum: dict | None = None,
         timeouts: dict | None = None,
         lockspaces: tuple[str, ...] = ("fs1",),
+        key_file: Path | None = None,
     ) -> None:
         self.dir = directory
         prefix = loopback_prefix()
@@ -170,15 +171,20 @@ class Cluster:
         self.incarnations: dict[int, int] = {}
         self.lockspaces = lockspaces
         self.netns: dict[int, str] = {}
+        # Generous for a loaded 2-core machine running other suites at the same time: a
+        # starved process must not look dead (the very problem the reference warns of).
         timeouts = {
-            "heartbeat_interval": 0.2,
-            "failure_timeout": 1.5,
+            "heartbeat_interval": 0.25,
+            "failure_timeout": 2.5,
             "fence_retry": 0.3,
             "fence_retry_max": 1.0,
             "fence_timeout": 10.0,
             **(timeouts or {}),
         }
-        lines = ["[cluster]", 'name = "t"', "[timeouts]"]
+        lines = ["[cluster]", 'name = "t"']
+        if key_file:
+            lines.append(f'key_file = "{key_file}"')
+        lines.append("[timeouts]")
         lines += [f"{k} = {v}" for k, v in timeouts.items()]
         if quorum:
             lines.append("[quorum]")
@@ -213,13 +219,15 @@ class Cluster:
     def socket(self, i: int) -> str:
         return str(self.dir / f"node{i}.sock")
 
-    def start(self, i: int, incarnation: int | None = None) -> subprocess.Popen:
+    def start(
+        self, i: int, incarnation: int | None = None, config: Path | None = None
+    ) -> subprocess.Popen:
         argv = [
             sys.executable,
             "-m",
             "gfspy.cluster",
             "--config",
-            str(self.config),
+            str(config or self.config),
             "--node",
             str(i),
             "--status-socket",

@@ -111,6 +111,11 @@ BAD = [
         "letters, digits",
     ),
     ('[cluster\nname="c"\n', "not valid TOML"),
+    (
+        '[cluster]\nname="c"\nkey_file="rel.key"\n[[node]]\nid=1\naddress="127.0.0.1"\n'
+        'fence=[{method="manual"}]\n',
+        "key_file must be an absolute path",
+    ),
 ]
 
 

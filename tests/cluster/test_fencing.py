@@ -232,3 +232,16 @@ async def test_loser_of_a_storage_fence_race_does_not_fence_back(tmp_path):
         assert not case.done and high.history == []
     finally:
         server.close()
+
+
+@pytest.mark.timeout(10)
+def test_authenticated_packets():
+    key = b"k" * 32
+    packet = Packet("c", 2, 7, "hb", {"f": [[3, 9, 4, 1.0, "storage", 2]]})
+    wire = encode_packet(packet, key)
+    assert decode_packet(wire, key) == packet
+    assert decode_packet(wire, b"x" * 32) is None  # another key
+    assert decode_packet(encode_packet(packet), key) is None  # no tag at all
+    forged = bytearray(wire)
+    forged[10] ^= 1
+    assert decode_packet(bytes(forged), key) is None

@@ -128,7 +128,10 @@ def test_minority_loses_quorum_majority_fences_it(tmp_path, network):
             "node 1's PR after node 3 was fenced",
         )
         s1 = cluster.status(1)
-        fence_seq = next(e["seq"] for e in s1["events"] if e["kind"] == "fence_confirmed")
+        fence_seq = next(
+            e["seq"] for e in s1["events"]
+            if e["kind"] == "fence_confirmed" and e["detail"].startswith("node 3 ")
+        )  # fmt: skip
         grant_seq = next(
             e["seq"] for e in s1["events"] if e["kind"] == "lock_granted" and "dir-5" in e["detail"]
         )

@@ -64,7 +64,7 @@ def test_slow_starter_joins_cleanly_without_being_fenced(tmp_path, closing):
     cluster.start(1)
     cluster.start(2)
     wait_for(lambda: cluster.status(1)["epoch"] > 0, 20, "a first view of nodes 1 and 2")
-    assert "node 3 is absent" in cluster.log(1)
+    wait_for(lambda: "node 3 is absent" in cluster.log(1), 10, "the startup-fence warning")
     cluster.start(3)
     cluster.wait_view([1, 2, 3], [1, 2, 3])
     assert agent_calls(log) == []
