@@ -167,6 +167,13 @@ class Session:
         if data:
             await self.stream.send_all(data)
 
+    async def _send_owed_replies(self, conn: sp.ServerConnection) -> None:
+        """Before hanging up, deliver option replies already produced (h11's convention),
+        so a client that pipelined options still learns the real error; a peer that has
+        gone already changes nothing."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+            await self._send(conn.data_to_send())
+
     async def _receive(self, conn: sp.ServerConnection) -> bool:
         """Feed the machine the next bytes; False at EOF.
 
@@ -230,6 +237,7 @@ class Session:
                 log.warning(
                     "session %s from %s: protocol error: %s", self.id, self.peer, event.reason
                 )
+                await self._send_owed_replies(conn)
                 return False
             if isinstance(event, sp.AbortRequested):
                 await self._send(conn.data_to_send())
@@ -242,6 +250,7 @@ class Session:
             elif isinstance(event, sp.ExportRequested):
                 self._answer_export(conn, event)
                 if conn.state is sp.State.DONE:  # refused EXPORT_NAME: hang up
+                    await self._send_owed_replies(conn)
                     return False
             await self._send(conn.data_to_send())
             if conn.state is sp.State.TRANSMISSION:
