@@ -237,7 +237,8 @@ class Resource:
         """Recompute the LVB after recovery (before the grant pass, so grants report it).
 
         On a new master the value comes from a surviving lock stronger than CR (still
-        valid), else from the NL/CR copy with the highest sequence number (then invalid).
+        valid), else from the NL/CR copy with the highest sequence number (then invalid);
+        with no copy at all it is zeros marked invalid.
         """
         if new_master:
             holders = [lk for lk in self.granted + self.converting if lk.flags & Flag.VALBLK]
@@ -250,6 +251,12 @@ class Resource:
                     self.lvb_invalid = True
                 self.lvb = source.lvb if source.lvb is not None else bytes(LVB_LEN)
                 self.lvbseq = source.lvbseq
+            else:
+                # No survivor kept a copy: the dead master may have held a value written
+                # under PW/EX that nobody can know, so the value is unknown, not zero.
+                self.lvb = bytes(LVB_LEN)
+                self.lvbseq = 0
+                self.lvb_invalid = True
         if self.lvb_inval_pending:
             self.lvb_invalid = True
             self.lvb_inval_pending = False

@@ -456,6 +456,33 @@ async def test_new_master_rebuilds_lvb_from_survivors(survivor_mode):
 
 
 @pytest.mark.timeout(30)
+async def test_lvb_is_invalid_when_its_master_and_writer_die_with_no_copy_left():
+    """The master and the PW holder die together and no survivor kept the value: the new
+    master cannot know what was written, so the LVB comes back zeros marked not valid."""
+    async with trio.open_nursery() as nursery:
+        c = await new_cluster(nursery, 3)
+        s1, s2 = c.spaces[1], c.spaces[2]
+        writer = await s2.lock(b"lost-lvb", EX, Flag.VALBLK, lvb=bytes(32))  # node 2 masters
+        await s2.convert(writer, PW, Flag.VALBLK, lvb=b"dirty".ljust(32, b"\0"))
+        async with trio.open_nursery() as waiting:
+            got = []
+
+            async def wait_for_pr():
+                got.append(await s1.lock(b"lost-lvb", PR, Flag.VALBLK, lvb=bytes(32)))
+
+            waiting.start_soon(wait_for_pr)
+            await trio.sleep(0.2)
+            assert not got  # queued behind the PW holder
+            await c.kill(2)
+            await c.change_view(removed=frozenset({2}))
+        reader = got[0]
+        assert reader.lvb == bytes(32)
+        assert reader.sbflags & SBFlag.VALNOTVALID
+        await c.close()
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.timeout(30)
 async def test_restarted_node_with_new_incarnation_loses_its_old_locks():
     async with trio.open_nursery() as nursery:
         c = await new_cluster(nursery, 3)
