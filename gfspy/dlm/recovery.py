@@ -322,7 +322,9 @@ class Recovery:
                     resend.append((h, h.op))  # resend once a master is known
             rsb.waiting[:0] = resend
             rsb.master = 0
-            if any(ls.handles[lkid].mode != Mode.IV for lkid in rsb.lkids):
+            if rsb.lkids:
+                # Even with only requests still to be resent, rebuild the resource at its
+                # new master first: it then knows the old master's LVB was lost.
                 remaster.append(rsb)
         return remaster
 
