@@ -62,6 +62,7 @@ def run_detached(serve: Callable[[ReadyPipe], int], prog: str) -> int:
     if pid == 0:  # the child: become the daemon
         os.close(read_fd)
         os.setsid()
+        os.chdir("/")  # never keep the caller's directory (or a mount) busy
         _detach_stdio()
         code = 2
         try:

@@ -41,8 +41,9 @@ EPILOG = """\
 options (-o, comma-separated; generic flags such as nosuid, nodev, noexec, noatime
 are passed to the kernel, and mount(8)'s own such as defaults, noauto, _netdev
 are ignored):
-  ro, rw             mount read-only (nothing is written, not even a journal
-                     replay) or read-write (the default)
+  ro, rw             mount read-only (nothing is written; a dirty journal is
+                     refused until a read-write mount replays it) or
+                     read-write (the default)
   lockproto=NAME     override the superblock's lock protocol: lock_nolock for
                      single-node use (lock_dlm needs a cluster configuration)
   hostdata=jid=N     use journal N (default 0)
@@ -50,7 +51,8 @@ are ignored):
   errors=withdraw    on a metadata inconsistency stop all I/O and return EIO
                      (the default and only policy)
   allow_other        let users other than the mounter use the filesystem
-  debug              log every step, and libfuse's request trace, on stderr
+  debug              log every step (on stderr with -f, else to syslog), and
+                     with -f libfuse's trace of every request
 
 Without -f the command returns once the filesystem is ready, leaving a daemon
 that serves it. umount, fusermount3 -u, SIGTERM and SIGINT unmount cleanly.
@@ -113,7 +115,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _fuse_options(device: str, opts: MountOptions) -> set[str]:
     fuse_opts = set(pyfuse3.default_options)  # default_permissions
-    fuse_opts |= {f"fsname={device}", "subtype=gfspy"}
+    # libfuse splits options at commas (multipath specs have them) unless escaped.
+    fsname = device.replace("\\", "\\\\").replace(",", "\\,")
+    fuse_opts |= {f"fsname={fsname}", "subtype=gfspy"}
     if opts.allow_other:
         fuse_opts.add("allow_other")
     if opts.readonly:
@@ -125,20 +129,25 @@ def _fuse_options(device: str, opts: MountOptions) -> set[str]:
 
 
 def _raise_readahead(mountpoint: str) -> None:
-    """Blocking (stats the mount): run in a thread once INIT is done."""
-    st = os.stat(mountpoint)
-    path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+    """Blocking (stats the mount): run in a thread once INIT is done, because the
+    kernel resets the bdi's readahead during INIT."""
     try:
+        st = os.stat(mountpoint)
+        path = f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
         with open(path, "w") as f:
             f.write(str(READ_AHEAD_KB))
     except OSError as e:
-        log.warning("%s: cannot raise readahead to %d KiB: %s", path, READ_AHEAD_KB, e)
+        log.warning("%s: cannot raise readahead to %d KiB: %s", mountpoint, READ_AHEAD_KB, e)
 
 
 def _syncfs(mountpoint: str) -> None:
     """Blocking: push the kernel's dirty pages to us while we still serve them."""
     libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fd = os.open(mountpoint, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        log.warning("syncfs(%s): %s", mountpoint, e)
+        return
     try:
         if libc.syncfs(fd) != 0:
             log.warning("syncfs(%s): %s", mountpoint, os.strerror(ctypes.get_errno()))
@@ -205,7 +214,6 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
         await fs.device.aclose()
         raise MountError(f"{mountpoint}: cannot mount FUSE there") from None
     code = EXIT_OK
-    unmount = True
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ops.run_invalidations)
@@ -214,8 +222,7 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
             nursery.start_soon(_report_when_ready, ops, mountpoint, pipe)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
-    except BaseException:
-        unmount = True
+    except Exception:
         code = EXIT_SERVE_FAILED
         log.exception("%s: FUSE loop failed", mountpoint)
     finally:
@@ -227,7 +234,7 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
                 code = EXIT_SERVE_FAILED
             if fs.withdrawn:
                 code = EXIT_SERVE_FAILED
-            pyfuse3.close(unmount=unmount)
+            pyfuse3.close(unmount=True)  # a no-op if umount already did it
             await fs.device.aclose()
     log.info("%s: unmounted (exit %d)", mountpoint, code)
     return code
@@ -275,10 +282,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
     mountpoint = os.path.abspath(args.mountpoint)
+    device = args.device
+    if "://" not in device and "," not in device:
+        device = os.path.abspath(device)  # the daemon leaves the current directory
     if not os.path.isdir(mountpoint):
         why = os.strerror(errno.ENOTDIR if os.path.exists(mountpoint) else errno.ENOENT)
         print(f"{PROG}: {args.mountpoint}: {why}", file=sys.stderr)
         return EXIT_MOUNT_FAILED
     if args.foreground:
-        return _run(args.device, mountpoint, opts, True, ReadyPipe(None))
-    return run_detached(lambda pipe: _run(args.device, mountpoint, opts, False, pipe), PROG)
+        return _run(device, mountpoint, opts, True, ReadyPipe(None))
+    return run_detached(lambda pipe: _run(device, mountpoint, opts, False, pipe), PROG)

@@ -16,6 +16,7 @@ import errno
 import functools
 import logging
 import os
+import reprlib
 import stat
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
@@ -43,6 +44,11 @@ CAPABILITY_XATTR = b"security.capability"
 _F = TypeVar("_F", bound=Callable[..., Awaitable[Any]])
 
 
+def _brief(args: tuple[Any, ...]) -> str:
+    """Request arguments for a log line: a write's megabyte of data is no help."""
+    return ", ".join(reprlib.repr(a) for a in args)
+
+
 def _shielded_from_errors(handler: _F) -> _F:
     """Turn every failure of `handler` into a FUSEError the kernel can be given."""
 
@@ -59,7 +65,9 @@ def _shielded_from_errors(handler: _F) -> _F:
             err = e.errno if e.errno and 0 < e.errno <= _MAX_ERRNO else errno.EIO
             raise pyfuse3.FUSEError(err) from None
         except Exception:  # noqa: BLE001 - the mount must survive any bug in a handler
-            log.exception("%s%r failed unexpectedly; returning EIO", handler.__name__, args)
+            log.exception(
+                "%s(%s) failed unexpectedly; returning EIO", handler.__name__, _brief(args)
+            )
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]

@@ -78,15 +78,28 @@ def fusermount_u(mountpoint: Path, *, lazy: bool = False) -> bool:
     return subprocess.run(cmd, capture_output=True, timeout=60).returncode == 0
 
 
+def abort_fuse_connection(dev: int) -> None:
+    """Abort a FUSE connection through fusectl, as an administrator would after the
+    daemon died: without it a process waiting on writeback to the dead daemon can
+    stay in D state for good (seen on kernel 6.18). fusectl is mounted in a private
+    mount namespace so the machine's mount table is left alone."""
+    path = f"/sys/fs/fuse/connections/{os.minor(dev)}/abort"
+    script = f"mount -t fusectl none /sys/fs/fuse/connections && test -e {path} && echo 1 > {path}"
+    subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, timeout=30)
+
+
 class Mount:
     """mount.gfspy -f as a subprocess, with its log in a file beside the image."""
 
-    def __init__(self, image: Path, mountpoint: Path, options: str = "", log: Path | None = None):
+    def __init__(
+        self, image: Path | str, mountpoint: Path, options: str = "", log: Path | None = None
+    ):
         self.image = image
         self.mountpoint = mountpoint
         self.options = options
         self.log_path = log or mountpoint.with_name(mountpoint.name + ".log")
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dev: int | None = None
 
     def start(self, *, extra_cmd: list[str] | None = None, timeout: float = 30) -> Mount:
         self.mountpoint.mkdir(exist_ok=True)
@@ -104,6 +117,7 @@ class Mount:
             if time.monotonic() > deadline:
                 raise AssertionError(f"mount not ready after {timeout}s:\n{self.log()}")
             time.sleep(0.02)
+        self.dev = os.stat(self.mountpoint).st_dev
         return self
 
     def log(self) -> str:
@@ -130,10 +144,14 @@ class Mount:
         self.proc.send_signal(signal.SIGKILL)
         self.proc.wait(timeout=30)
         self.proc = None
+        if self.dev is not None:
+            abort_fuse_connection(self.dev)
         fusermount_u(self.mountpoint, lazy=True)
 
     def cleanup(self) -> None:
         """Teardown that never leaves a mount or a process behind."""
+        if self.proc is not None and self.proc.poll() is not None and self.dev is not None:
+            abort_fuse_connection(self.dev)  # the daemon died: nothing will answer
         if os.path.ismount(self.mountpoint) and not fusermount_u(self.mountpoint):
             fusermount_u(self.mountpoint, lazy=True)
         if self.proc is not None:

@@ -3,6 +3,7 @@ options, clean unmount by signal, and bad input refused with one line and no wri
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import signal
@@ -199,3 +200,50 @@ def test_usage_errors_and_help(tmp_path: Path) -> None:
     assert help_text.returncode == 0
     for word in ("exit status", "lockproto=", "commit=", "errors=withdraw", "allow_other"):
         assert word in help_text.stdout
+
+
+@pytest.mark.timeout(120)
+def test_mount_t_gfspy_and_umount_through_mount8(tmp_path: Path) -> None:
+    """mount(8) finds /sbin/mount.gfspy; a private mount namespace lets the test put
+    one there (bind-mounted over /usr/sbin) without touching the machine."""
+    image = make_image(tmp_path / "img", size_mib=256)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    sbin = tmp_path / "sbin"
+    sbin.mkdir()
+    helper = sbin / "mount.gfspy"
+    helper.write_text(f'#!/bin/sh\nexec {" ".join(MOUNT_CMD)} "$@"\n')
+    helper.chmod(0o755)
+    script = (
+        f"mount --bind {sbin} /usr/sbin && "
+        f"mount -t gfspy -o noatime,commit=5 {image} {mnt} && "
+        f"grep -q '{mnt} fuse.gfspy' /proc/self/mounts && "
+        f"echo through-mount8 > {mnt}/f && "
+        f"umount {mnt}"
+    )
+    result = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    deadline = time.monotonic() + 30  # the daemon finishes its clean unmount
+    while any(str(image).encode() in p for p in _cmdlines()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert_clean(image)
+    m = Mount(image, mnt).start()
+    try:
+        assert (mnt / "f").read_text() == "through-mount8\n"
+    finally:
+        assert m.unmount() == 0
+        m.cleanup()
+
+
+def _cmdlines() -> list[bytes]:
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                out.append(Path(f"/proc/{entry}/cmdline").read_bytes())
+    return out

@@ -404,12 +404,12 @@ def test_mmap_write_and_read(d: Path) -> None:
 def test_directory_of_50000_entries(d: Path) -> None:
     big = d / "big"
     big.mkdir()
-    for i in range(50_000):
-        os.close(os.open(big / f"file-with-a-longish-name-{i:06d}", os.O_CREAT | os.O_WRONLY))
+    for i in range(50_000):  # mknod: one request per file, so the fs's work dominates
+        os.mknod(big / f"file-with-a-longish-name-{i:06d}", stat.S_IFREG | 0o644)
     listing = os.listdir(big)
     assert len(listing) == 50_000 == len(set(listing))
     for i in range(0, 50_000, 997):
         assert os.stat(big / f"file-with-a-longish-name-{i:06d}").st_size == 0
-    for i in range(0, 50_000, 2):
+    for i in range(0, 50_000, 5):
         os.unlink(big / f"file-with-a-longish-name-{i:06d}")
-    assert len(os.listdir(big)) == 25_000
+    assert len(os.listdir(big)) == 40_000
