@@ -143,6 +143,8 @@ class FileSystem(NamespaceOps, XattrOps):
         self._unmounting = False
         #: Files too big to free in one transaction, and the slice size that decides.
         self._deferred_frees: list[Inode] = []
+        #: Dinode blocks this mount freed: their stale images must not be revived.
+        self._dead_dinodes: set[int] = set()
         self.free_slice_blocks = (info.journal.journal_blocks if info.journal else 2048) * 512
 
     # ================================================================ mount
@@ -262,7 +264,10 @@ class FileSystem(NamespaceOps, XattrOps):
             ip.di.pack_into(buf)
             txn.dirty.add(ip.addr)
         jt = Transaction(self.bsize)
-        for blkno in txn.revoke:
+        # Every freed block is revoked, data too: the journal keeps only revokes of
+        # blocks with a copy in the live log, and a block that once held metadata
+        # must not get that copy replayed over the data it holds next.
+        for blkno in txn.revoke | txn.freed:
             jt.revoke(blkno)
         for blkno in txn.dirty - txn.freed:
             buf = self.cache.cached(blkno)
@@ -349,6 +354,15 @@ class FileSystem(NamespaceOps, XattrOps):
             return ip
         if self.alloc.rgrp_index_of(ino) is None:
             raise FsError(errno.ESTALE, f"inode {ino} is not a block any rgrp holds")
+        if ino in self._dead_dinodes:
+            # A dinode this mount freed keeps its old image until the block is
+            # reused; bringing it back to life would log that image again, cancel
+            # its revoke, and replay would then write the dead dinode over whatever
+            # the block holds next (issue 3). Our own bitmap says whether it is.
+            if await self.alloc.state(ino) not in (BLKST_DINODE, BLKST_UNLINKED):
+                self.cache.drop(ino)
+                raise FsError(errno.ESTALE, f"inode {ino} no longer exists")
+            self._dead_dinodes.discard(ino)  # allocated again since: a new inode
         buf = await self.cache.read(ino)
         try:
             di = Dinode.unpack(buf)
@@ -484,6 +498,7 @@ class FileSystem(NamespaceOps, XattrOps):
         await self.alloc.free(txn, [], dinode=ip.addr)
         txn.revoke.add(ip.addr)
         ip.freed = True
+        self._dead_dinodes.add(ip.addr)
         self.inodes.pop(ip.addr, None)
         self.cache.drop(ip.addr)
         self.glocks.forget(LM_TYPE_INODE, ip.addr)
