@@ -1,29 +1,7 @@
-"""The filesystem logic of mount.gfspy: inodes, directories, allocation, xattrs."""
+"""The filesystem logic of mount.gfspy: inodes, directories, allocation, xattrs.
 
-from gfspy.fs.filesystem import FileSystem
-from gfspy.fs.types import (
-    NOW,
-    RENAME_EXCHANGE,
-    RENAME_NOREPLACE,
-    XATTR_CREATE,
-    XATTR_REPLACE,
-    Attr,
-    FsError,
-    FsWithdrawn,
-    SetAttr,
-    StatFs,
-)
+The public names and their contract live in `gfspy.fs.api`.
+"""
 
-__all__ = [
-    "NOW",
-    "RENAME_EXCHANGE",
-    "RENAME_NOREPLACE",
-    "XATTR_CREATE",
-    "XATTR_REPLACE",
-    "Attr",
-    "FileSystem",
-    "FsError",
-    "FsWithdrawn",
-    "SetAttr",
-    "StatFs",
-]
+from gfspy.fs.api import *  # noqa: F403
+from gfspy.fs.api import __all__  # noqa: F401
