@@ -287,18 +287,25 @@ class ClientConnection:
         )
         self._state = _State.OPTION_REPLY
 
-    def _on_starttls_reply(self) -> Event | _NeedData | None:
+    def _take_option_reply(self, asked: Opt) -> tuple[wire.OptionReplyHeader, bytes] | None:
+        """Take one whole reply to option `asked` off the buffer; None if it is incomplete."""
         if len(self._buf) < wire.OPTION_REPLY_HEADER_SIZE:
-            return self._eof_check("STARTTLS")
+            return None
         header = wire.decode_option_reply_header(self._buf.peek(wire.OPTION_REPLY_HEADER_SIZE))
-        if header.opt != Opt.STARTTLS:
-            raise NbdProtocolError(f"reply to option {header.opt}, but STARTTLS was asked")
+        if header.opt != asked:
+            raise NbdProtocolError(f"reply to option {header.opt}, but {asked.name} was asked")
         if header.length > self.max_option_reply:
             raise NbdProtocolError(f"option reply of {header.length} bytes is too long")
         total = wire.OPTION_REPLY_HEADER_SIZE + header.length
         if len(self._buf) < total:
+            return None
+        return header, self._buf.take(total)[wire.OPTION_REPLY_HEADER_SIZE :]
+
+    def _on_starttls_reply(self) -> Event | _NeedData | None:
+        reply = self._take_option_reply(Opt.STARTTLS)
+        if reply is None:
             return self._eof_check("STARTTLS")
-        payload = self._buf.take(total)[wire.OPTION_REPLY_HEADER_SIZE :]
+        header, payload = reply
         if header.reply_type == Rep.ACK:
             if len(self._buf):
                 # Bytes after the ACK but before the TLS handshake: an injection attempt.
@@ -317,17 +324,10 @@ class ClientConnection:
         self._send_go()
 
     def _on_option_reply(self) -> Event | _NeedData | None:
-        if len(self._buf) < wire.OPTION_REPLY_HEADER_SIZE:
+        reply = self._take_option_reply(Opt.GO)
+        if reply is None:
             return self._eof_check("option negotiation")
-        header = wire.decode_option_reply_header(self._buf.peek(wire.OPTION_REPLY_HEADER_SIZE))
-        if header.opt != Opt.GO:
-            raise NbdProtocolError(f"reply to option {header.opt}, but GO was asked")
-        if header.length > self.max_option_reply:
-            raise NbdProtocolError(f"option reply of {header.length} bytes is too long")
-        total = wire.OPTION_REPLY_HEADER_SIZE + header.length
-        if len(self._buf) < total:
-            return self._eof_check("option negotiation")
-        payload = self._buf.take(total)[wire.OPTION_REPLY_HEADER_SIZE :]
+        header, payload = reply
         if header.reply_type == Rep.INFO:
             self._on_info(wire.decode_info(payload))
             return None
