@@ -371,11 +371,15 @@ async def test_stalled_server_write_is_reissued_only_after_session_fence(tmp_pat
 
 @pytest.mark.timeout(30)
 async def test_unix_socket(tmp_path):
-    sock = tmp_path / "nbd.sock"
-    proc = subprocess.Popen(["nbdkit", "-f", "--exit-with-parent", "-U", str(sock), "memory", "1M"])
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbdkit.pid"
+    # nbdkit writes its pidfile only once the socket is listening; the socket file alone
+    # can exist before listen(), which made this test race.
+    proc = subprocess.Popen(
+        ["nbdkit", "-f", "--exit-with-parent", "-P", str(pidfile), "-U", str(sock), "memory", "1M"]
+    )
     try:
         with trio.fail_after(10):
-            while not sock.exists():
+            while not pidfile.exists() or not pidfile.read_text().strip():
                 await trio.sleep(0.05)
         dev = await open_device(f"nbd+unix:///?socket={sock}")
         try:
