@@ -15,15 +15,15 @@ from .helpers import Mount, assert_clean, make_image
 @pytest.mark.timeout(120)
 def test_mount_over_nbdkit(tmp_path: Path, mounts: list[Mount]) -> None:
     image = make_image(tmp_path / "img", size_mib=256)
-    sock = tmp_path / "nbd.sock"
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbdkit.pid"
     server = subprocess.Popen(
-        ["nbdkit", "-f", "-U", str(sock), "file", str(image)],
+        ["nbdkit", "-f", "-P", str(pidfile), "-U", str(sock), "file", str(image)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 20
-        while not sock.exists():
+        while not pidfile.exists() or not pidfile.read_text().strip():  # listening
             assert server.poll() is None, server.stderr.read().decode()
             assert time.monotonic() < deadline, "nbdkit did not start"
             time.sleep(0.05)

@@ -86,15 +86,15 @@ def nbdkit_export(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """nbdkit serving a 128 MiB file on a Unix socket: (nbd+unix URI, backing file)."""
     backing = sparse_image(tmp_path / "export.img", 128 * MIB)
     _plant_marker(backing)
-    sock = tmp_path / "nbd.sock"
+    sock, pidfile = tmp_path / "nbd.sock", tmp_path / "nbdkit.pid"
     proc = subprocess.Popen(
-        ["nbdkit", "--foreground", "--unix", str(sock), "file", str(backing)],
+        ["nbdkit", "--foreground", "-P", str(pidfile), "--unix", str(sock), "file", str(backing)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 20
-        while not sock.exists():
+        while not pidfile.exists() or not pidfile.read_text().strip():  # listening
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else "nbdkit exited"
             assert time.monotonic() < deadline, "nbdkit did not create its socket"
             time.sleep(0.05)
