@@ -1,9 +1,11 @@
 """The metadata buffer cache: one mutable image per block, shared by every operation.
 
 The journal writes blocks in place (write-back from its AIL), so the cache never
-writes to the device itself. That makes eviction free: a block's newest image is
-always in the cache, in the journal's running transaction, in its AIL, or on disk,
-and `read` looks in that order.
+writes to the device itself. That makes eviction free for every block not `pinned`:
+a block's newest image is always in the cache, in the journal's running transaction,
+in its AIL, or on disk, and `read` looks in that order. A pinned block's newest
+image exists only here (changed by an operation, not yet handed to the journal), so
+it is never evicted or dropped.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ class BufferCache:
         self.limit = limit
         self.journal: Journal | None = None
         self._blocks: OrderedDict[int, bytearray] = OrderedDict()
+        #: Blocks whose only up-to-date image is the cached one (owned by the fs).
+        self.pinned: set[int] = set()
         self.hits = 0
         self.misses = 0
 
@@ -62,16 +66,27 @@ class BufferCache:
         return buf
 
     def drop(self, blkno: int) -> None:
-        self._blocks.pop(blkno, None)
+        if blkno not in self.pinned:
+            self._blocks.pop(blkno, None)
 
     def clear(self) -> None:
-        """Forget every cached image (another node may have changed them)."""
-        self._blocks.clear()
+        """Forget every unpinned image (another node may have changed them)."""
+        if not self.pinned:
+            self._blocks.clear()
+            return
+        for blkno in [b for b in self._blocks if b not in self.pinned]:
+            del self._blocks[blkno]
 
-    def trim(self, keep: set[int] | None = None) -> None:
-        """Evict the oldest blocks beyond the limit (only between transactions)."""
-        while len(self._blocks) > self.limit:
-            blkno, _ = self._blocks.popitem(last=False)
-            if keep and blkno in keep:
-                self._blocks[blkno] = _
-                break
+    def trim(self) -> None:
+        """Evict the oldest unpinned blocks beyond the limit."""
+        excess = len(self._blocks) - self.limit
+        if excess <= 0:
+            return
+        victims = []
+        for blkno in self._blocks:
+            if blkno not in self.pinned:
+                victims.append(blkno)
+                if len(victims) == excess:
+                    break
+        for blkno in victims:
+            del self._blocks[blkno]

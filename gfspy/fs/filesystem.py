@@ -19,7 +19,7 @@ from contextlib import asynccontextmanager, nullcontext
 import trio
 
 from gfspy.blockdev.device import Device, DeviceError
-from gfspy.fs.alloc import Allocator
+from gfspy.fs.alloc import Allocator, Rgrp
 from gfspy.fs.bmap import BlockMap
 from gfspy.fs.buffers import BufferCache
 from gfspy.fs.dirs import Directories
@@ -146,6 +146,14 @@ class FileSystem(NamespaceOps, XattrOps):
         #: Dinode blocks this mount freed: their stale images must not be revived.
         self._dead_dinodes: set[int] = set()
         self.free_slice_blocks = (info.journal.journal_blocks if info.journal else 2048) * 512
+        #: Changes of finished operations not yet handed to the journal: block ->
+        #: True to log its cached image, False to revoke it (see `_commit`).
+        self._staged: dict[int, bool] = {}
+        self._staged_rgrps: set[Rgrp] = set()
+        self._staged_statfs = [0, 0, 0]
+        #: Staged blocks that trigger a push: a push must fit comfortably in half
+        #: the log, which is when the journal flushes its running transaction.
+        self._stage_limit = max(64, (info.journal.journal_blocks if info.journal else 2048) // 8)
 
     # ================================================================ mount
 
@@ -226,7 +234,14 @@ class FileSystem(NamespaceOps, XattrOps):
     @asynccontextmanager
     async def _op(self, write: bool = True) -> AsyncIterator[FsTxn]:
         self._check_alive(write)
-        async with self._lock:
+        # Uncontended (the common case) the lock is taken without trio's checkpoint:
+        # a trip through the scheduler per operation is a measurable share of a
+        # create. The request loop around every operation checkpoints anyway.
+        if self._lock.locked():
+            await self._lock.acquire()
+        else:
+            self._lock.acquire_nowait()
+        try:
             self._check_alive(write)
             txn = FsTxn()
             # A change interrupted half way would leave the cached metadata
@@ -252,34 +267,74 @@ class FileSystem(NamespaceOps, XattrOps):
                         raise self._withdraw(f"{type(e).__name__}: {e}") from e
             finally:
                 _release_holders(txn)
+        finally:
+            self._lock.release()
 
     async def _commit(self, txn: FsTxn) -> None:
-        assert self.journal is not None
+        """Stage one finished operation's changes for the next log write.
+
+        Nothing is copied yet: the cache keeps the newest image of every changed
+        block (pinned until it is logged), and `_push_staged` turns all of them into
+        one journal transaction when the log is flushed, so a burst of small
+        operations pays for each block once instead of once per operation."""
         for rg in txn.rgrps:
-            txn.dirty.update(self.alloc.write_images(rg))
+            self._staged_rgrps.add(rg)
         for ip in txn.inodes:
             if ip.freed:
                 continue
             buf = await self.cache.read(ip.addr)
             ip.di.pack_into(buf)
             txn.dirty.add(ip.addr)
-        jt = Transaction(self.bsize)
+        staged, pinned = self._staged, self.cache.pinned
         # Every freed block is revoked, data too: the journal keeps only revokes of
         # blocks with a copy in the live log, and a block that once held metadata
         # must not get that copy replayed over the data it holds next.
         for blkno in txn.revoke | txn.freed:
-            jt.revoke(blkno)
+            staged[blkno] = False
+            if blkno in pinned:
+                pinned.discard(blkno)
+                self.cache.drop(blkno)
         for blkno in txn.dirty - txn.freed:
+            staged[blkno] = True
+            pinned.add(blkno)
+        delta = self._staged_statfs
+        delta[0] += txn.statfs_total
+        delta[1] += txn.statfs_free
+        delta[2] += txn.statfs_dinodes
+        if len(staged) > self._stage_limit:
+            await self._push_staged()
+
+    async def _push_staged(self) -> None:
+        """Hand every staged change to the journal as one transaction (it becomes
+        durable with the next flush). Called only between operations, so the cached
+        images form a consistent state."""
+        assert self.journal is not None
+        staged = self._staged
+        for rg in self._staged_rgrps:
+            for blkno in self.alloc.write_images(rg):
+                staged[blkno] = True
+        self._staged_rgrps.clear()
+        if not staged and not any(self._staged_statfs):
+            return
+        jt = Transaction(self.bsize)
+        for blkno, logged in staged.items():
+            if not logged:
+                jt.revoke(blkno)
+                continue
             buf = self.cache.cached(blkno)
             if buf is None:
-                raise FormatError(f"dirty block {blkno} left the cache")
+                raise FormatError(f"changed block {blkno} left the cache before it was logged")
             jt.add_metadata(blkno, buf)
-        jt.change_statfs(txn.statfs_total, txn.statfs_free, txn.statfs_dinodes)
+        jt.change_statfs(*self._staged_statfs)
+        self._staged = {}
+        self._staged_statfs = [0, 0, 0]
+        self.cache.pinned.clear()
         await self.journal.add(jt)
         self.cache.trim()
 
     async def _flush(self) -> None:
         assert self.journal is not None
+        await self._push_staged()
         await self.journal.flush()
         self.alloc.release_freed()
         self._last_flush = time.monotonic()
@@ -319,6 +374,7 @@ class FileSystem(NamespaceOps, XattrOps):
         replay. The mount does not track which blocks belong to which inode, so it
         checkpoints the whole log: a superset, and exact for what the lock guards."""
         if self.journal is not None and not self.withdrawn and not self._unmounting:
+            await self._push_staged()
             await self.journal.checkpoint()
             self.alloc.release_freed()
 
@@ -326,6 +382,8 @@ class FileSystem(NamespaceOps, XattrOps):
         """After giving the lock up: nothing cached about the inode may be trusted.
         Its blocks are not tracked one by one, so the whole metadata cache goes (a
         superset; newer images of our own still come back from the journal)."""
+        if self.journal is not None and not self.withdrawn and not self._unmounting:
+            await self._push_staged()
         ip = self.inodes.get(glock.number)
         if ip is not None:
             ip.hash_table = None
@@ -340,10 +398,13 @@ class FileSystem(NamespaceOps, XattrOps):
 
     async def _rgrp_go_sync(self, glock: Glock) -> None:
         if self.journal is not None and not self.withdrawn and not self._unmounting:
+            await self._push_staged()
             await self.journal.checkpoint()
             self.alloc.release_freed()
 
     async def _rgrp_go_inval(self, glock: Glock) -> None:
+        if self.journal is not None and not self.withdrawn and not self._unmounting:
+            await self._push_staged()  # the staged header images come from these rgrps
         self.alloc.invalidate()
 
     # ================================================================ inodes
