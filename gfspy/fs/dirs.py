@@ -53,6 +53,8 @@ log = logging.getLogger(__name__)
 DIR_MAX_DEPTH = 17
 _ENTRY_FIELDS = struct.Struct(">QQIHHH")  # formal, addr, hash, rec_len, name_len, type
 _LF_ENTRIES = 26  # offset of lf_entries in a leaf block
+#: Dirent blocks whose names are indexed at once; past it the index starts over.
+_NAME_INDEX_LIMIT = 8192
 
 
 def cookie_of(dhash: int, name: bytes) -> int:
@@ -78,6 +80,12 @@ class Directories:
         self.bmap = bmap
         self.geo = geo
         self.bsize = geo.bsize
+        #: id(buffer) -> (buffer, {name: offset of its live dirent}) for dirent blocks
+        #: already walked: a lookup is then one dict probe instead of a walk of the
+        #: block. Keyed by the cached buffer object itself (held here, so its id stays
+        #: unique), so an image the cache replaced or reloaded is simply not found.
+        #: Every change to a dirent block in this module keeps its entry exact.
+        self._names: dict[int, tuple[bytearray, dict[bytes, int]]] = {}
 
     # ---------------------------------------------------------------- hash table
 
@@ -187,25 +195,39 @@ class Directories:
 
     # ------------------------------------------------------------------- lookup
 
-    def _scan(self, buf: bytearray, start: int, name: bytes, dhash: int) -> int | None:
-        """Offset of the live dirent called `name` in buf[start:bsize], or None."""
+    def _index(self, buf: bytearray, start: int) -> dict[bytes, int]:
+        """Name -> offset of every live dirent in buf[start:bsize], walked once."""
+        entry = self._names.get(id(buf))
+        if entry is not None and entry[0] is buf:
+            return entry[1]
+        names: dict[bytes, int] = {}
         offset = start
         end = self.bsize
-        nlen = len(name)
         while offset < end:
-            formal, addr, h, rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
+            formal, addr, _h, rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
             if rec_len < 40 or offset + rec_len > end:
                 raise FormatError(f"dirent at {offset}: bad rec_len {rec_len}")
-            if (
-                h == dhash
-                and name_len == nlen
-                and addr
-                and formal
-                and buf[offset + 40 : offset + 40 + nlen] == name
-            ):
-                return offset
+            if addr and formal and 40 + name_len <= rec_len:
+                names.setdefault(bytes(buf[offset + 40 : offset + 40 + name_len]), offset)
             offset += rec_len
-        return None
+        if len(self._names) >= _NAME_INDEX_LIMIT:
+            self._names.clear()
+        self._names[id(buf)] = (buf, names)
+        return names
+
+    def _forget_index(self, buf: bytearray) -> None:
+        """The block's dirents moved wholesale (split, conversion): walk it again."""
+        self._names.pop(id(buf), None)
+
+    def _scan(self, buf: bytearray, start: int, name: bytes, dhash: int) -> int | None:
+        """Offset of the live dirent called `name` in buf[start:bsize], or None."""
+        offset = self._index(buf, start).get(name)
+        if offset is None:
+            return None
+        formal, addr, h, _rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
+        if h != dhash or name_len != len(name) or not addr or not formal:
+            return None  # a dirent whose hash is not its name's: as good as absent
+        return offset
 
     def _insert(self, buf: bytearray, start: int, dirent: Dirent) -> bool:
         """Put `dirent` into the first record with room (same rules as the ondisk
@@ -221,6 +243,7 @@ class Directories:
                 if offset == start and rec_len >= needed:
                     dirent.rec_len = rec_len
                     dirent.pack_into(buf, offset)
+                    self._index_add(buf, dirent.name, offset)
                     return True
             else:
                 size = (40 + name_len + 7) & ~7
@@ -228,9 +251,15 @@ class Directories:
                     struct.pack_into(">H", buf, offset + 20, size)
                     dirent.rec_len = rec_len - size
                     dirent.pack_into(buf, offset + size)
+                    self._index_add(buf, dirent.name, offset + size)
                     return True
             offset += rec_len
         return False
+
+    def _index_add(self, buf: bytearray, name: bytes, offset: int) -> None:
+        entry = self._names.get(id(buf))
+        if entry is not None and entry[0] is buf:
+            entry[1].setdefault(name, offset)
 
     async def lookup(self, ip: Inode, name: bytes) -> Found | None:
         dhash = name_hash(name)
@@ -320,6 +349,7 @@ class Directories:
 
     async def _to_exhash(self, txn: FsTxn, ip: Inode) -> None:
         buf = await self.cache.read(ip.addr)
+        self._forget_index(buf)
         dirents = [d for _, d in live_dirents(buf, DINODE_SIZE, self.bsize)]
         leaf_blk = await self._alloc_leaf(txn, ip, self._new_leaf(ip, 0, dirents))
         depth = self.geo.min_exhash_depth
@@ -348,6 +378,7 @@ class Directories:
         new_blk = await self._alloc_leaf(txn, ip, self._new_leaf(ip, leaf.depth + 1, move))
         leaf.depth += 1
         leaf.entries = len(stay)
+        self._forget_index(buf)
         buf[:] = leaf.pack_block(self.bsize, pack_dirents(stay, self.bsize - LEAF_HEADER_SIZE))
         txn.dirty.add(old_blk)
         table[start : start + half] = [new_blk] * half
@@ -377,6 +408,13 @@ class Directories:
     async def remove(self, txn: FsTxn, ip: Inode, found: Found) -> None:
         buf = await self.cache.read(found.blkno)
         remove_dirent(buf, found.start, self.bsize, found.offset)
+        entry = self._names.get(id(buf))
+        if (
+            entry is not None
+            and entry[0] is buf
+            and entry[1].get(found.dirent.name) == found.offset
+        ):
+            del entry[1][found.dirent.name]
         txn.dirty.add(found.blkno)
         if found.start == LEAF_HEADER_SIZE:
             entries = struct.unpack_from(">H", buf, _LF_ENTRIES)[0]
