@@ -88,6 +88,23 @@ def abort_fuse_connection(dev: int) -> None:
     subprocess.run(["unshare", "--mount", "sh", "-c", script], capture_output=True, timeout=30)
 
 
+def reap_after_crash(proc: subprocess.Popen[bytes], dev: int | None, timeout: float = 60) -> None:
+    """Kill and reap a process that used a mount whose daemon died. A writer caught
+    in writeback can stay in D state even after the first abort (seen on 6.18 under
+    load), so the connection is aborted again until the process is gone."""
+    proc.kill()
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            proc.wait(timeout=2)
+            return
+        except subprocess.TimeoutExpired:
+            if time.monotonic() > deadline:
+                raise
+            if dev is not None:
+                abort_fuse_connection(dev)
+
+
 class Mount:
     """mount.gfspy -f as a subprocess, with its log in a file beside the image."""
 

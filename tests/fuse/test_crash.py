@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .helpers import Mount, assert_clean, fsck_gfs2, make_image
+from .helpers import Mount, assert_clean, fsck_gfs2, make_image, reap_after_crash
 
 WORKLOAD = Path(__file__).with_name("crash_workload.py")
 TRIALS = 20
@@ -64,8 +64,7 @@ def test_sigkill_during_metadata_workload(tmp_path: Path, mounts: list[Mount]) -
             assert workload.poll() is None, workload.stderr.read().decode()[-3000:]
             m.kill()
         finally:
-            workload.kill()
-            workload.wait(timeout=30)
+            reap_after_crash(workload, m.dev)
             m.cleanup()
         if trial % 5 == 0:
             fsck_y_then_n(image, tmp_path)
