@@ -8,6 +8,7 @@ journal. A metadata inconsistency withdraws the mount: no more device I/O, EIO.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -145,6 +146,10 @@ class FileSystem(NamespaceOps, XattrOps):
         self._deferred_frees: list[Inode] = []
         #: Dinode blocks this mount freed: their stale images must not be revived.
         self._dead_dinodes: set[int] = set()
+        #: Last attributes of inodes freed while the kernel may still name them
+        #: (until its FORGET): it flushes cached times of an unlinked inode with a
+        #: SETATTR, and failing that would fail the next syncfs with ESTALE.
+        self._ghosts: dict[int, Attr] = {}
         self.free_slice_blocks = (info.journal.journal_blocks if info.journal else 2048) * 512
         #: Changes of finished operations not yet handed to the journal: block ->
         #: True to log its cached image, False to revoke it (see `_commit`).
@@ -531,6 +536,7 @@ class FileSystem(NamespaceOps, XattrOps):
         self.cache.new(addr, di.pack_block(self.bsize, payload))
         ip = Inode(addr, di)
         self.inodes[addr] = ip
+        self._ghosts.pop(addr, None)
         txn.dirty.add(addr)
         txn.inodes.add(ip)
         await self._hold(txn, addr)
@@ -563,6 +569,7 @@ class FileSystem(NamespaceOps, XattrOps):
         self.inodes.pop(ip.addr, None)
         self.cache.drop(ip.addr)
         self.glocks.forget(LM_TYPE_INODE, ip.addr)
+        self._ghosts[ip.addr] = dataclasses.replace(self._attr(ip), nlink=0, size=0, blocks=0)
 
     async def _free_deferred(self, ip: Inode) -> None:
         """Free a big unlinked file a slice of logical blocks at a time."""
@@ -660,6 +667,9 @@ class FileSystem(NamespaceOps, XattrOps):
         ip = self.inodes.get(ino)
         if ip is not None and self.withdrawn is None:
             return self._attr(ip)
+        ghost = self._ghosts.get(ino)
+        if ghost is not None and self.withdrawn is None:
+            return ghost
         async with self._op(write=False) as txn:
             await self._hold(txn, ino, shared=True)
             return self._attr(await self._inode(ino))
@@ -701,6 +711,10 @@ class FileSystem(NamespaceOps, XattrOps):
     # ============================================================ attributes
 
     async def setattr(self, ino: int, changes: SetAttr) -> Attr:
+        ghost = self._ghosts.get(ino)
+        if ghost is not None and ino not in self.inodes:
+            self._check_alive(True)
+            return ghost  # an unlinked inode's last times: nothing left to store them in
         async with self._op() as txn:
             await self._hold(txn, ino)
             ip = await self._inode(ino)
@@ -826,6 +840,7 @@ class FileSystem(NamespaceOps, XattrOps):
                     await self._dealloc(txn, ip)
 
     async def forget(self, ino: int) -> None:
+        self._ghosts.pop(ino, None)
         ip = self.inodes.get(ino)
         if ip is not None and ip.open_count == 0 and not ip.unlinked:
             # Only the table entry goes: an operation in flight keeps its reference.

@@ -220,6 +220,22 @@ def test_unlinked_while_open_stays_readable(d: Path) -> None:
     os.close(fd)
 
 
+def test_unlinked_files_leave_syncfs_clean_and_fstat_working(d: Path) -> None:
+    """The kernel flushes an unlinked inode's cached times with a SETATTR after the
+    unlink freed it; an error there was kept and failed the next syncfs (ESTALE)."""
+    for i in range(200):
+        (d / f"f{i}").write_bytes(b"x" * 100)
+    kept = os.open(d / "f0", os.O_RDONLY)
+    try:
+        for i in range(200):
+            os.unlink(d / f"f{i}")
+        assert os.fstat(kept).st_nlink == 0
+    finally:
+        os.close(kept)
+    done = subprocess.run(["sync", "-f", str(d)], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+
+
 @pytest.mark.timeout(60)
 def test_sparse_files_and_holes(d: Path) -> None:
     f = d / "sparse"
