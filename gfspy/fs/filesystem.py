@@ -801,8 +801,8 @@ class FileSystem(NamespaceOps, XattrOps):
                 raise FsError(errno.EISDIR if ip.di.is_dir() else errno.EINVAL)
             await self._reserve(blocks + 2 * self.geo.max_height)
             written = await self.files.write(txn, ip, offset, data)
-            # Clearing set-id bits on write is the kernel's job (it knows whether the
-            # writer has CAP_FSETID) and reaches us as a setattr of the mode.
+            # Set-id bits are cleared before this by the FUSE layer (which knows
+            # whether the writer has CAP_FSETID) or by the kernel, as a setattr.
             self._stamp(ip, txn, mtime=True)
             return written
 

@@ -23,6 +23,7 @@ import trio
 
 from gfspy.blockdev.device import open_device
 from gfspy.fs.api import FileSystem, FsError
+from gfspy.fuse import killpriv
 from gfspy.fuse.daemon import ReadyPipe, run_detached
 from gfspy.fuse.operations import GfspyOperations
 from gfspy.fuse.options import MountOptions, OptionError, parse_options
@@ -51,6 +52,11 @@ are ignored):
   errors=withdraw    on a metadata inconsistency stop all I/O and return EIO
                      (the default and only policy)
   allow_other        let users other than the mounter use the filesystem
+  nokillpriv         leave clearing set-id bits on write, truncate and chown to
+                     the kernel, which then asks the daemon for
+                     security.capability before every write (slow small
+                     writes); by default gfspy negotiates
+                     FUSE_HANDLE_KILLPRIV_V2 and clears them itself
   debug              log every step (on stderr with -f, else to syslog), and
                      with -f libfuse's trace of every request
 
@@ -177,6 +183,7 @@ async def _unmount_on_signal(mountpoint: str) -> None:
 async def _report_when_ready(ops: GfspyOperations, mountpoint: str, pipe: ReadyPipe) -> None:
     await ops.initialized.wait()
     await trio.to_thread.run_sync(_raise_readahead, mountpoint)
+    killpriv.report(mountpoint)
     log.info("%s: ready", mountpoint)
     pipe.ready()
 
@@ -207,6 +214,8 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
     """Mount, serve until unmounted, close. Returns the exit code."""
     fs = await _open_filesystem(device_spec, opts)
     ops = GfspyOperations(fs)
+    if opts.killpriv:
+        killpriv.enable()
     try:
         pyfuse3.init(ops, mountpoint, _fuse_options(device_spec, opts))
     except RuntimeError:
@@ -236,6 +245,9 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
                 code = EXIT_SERVE_FAILED
             pyfuse3.close(unmount=True)  # a no-op if umount already did it
             await fs.device.aclose()
+    probes = killpriv.capability_probes()
+    if probes is not None:
+        log.info("%s: the kernel asked for security.capability %d times", mountpoint, probes)
     log.info("%s: unmounted (exit %d)", mountpoint, code)
     return code
 

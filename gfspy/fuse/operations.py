@@ -25,6 +25,7 @@ import pyfuse3
 import trio
 
 from gfspy.fs.api import NOW, Attr, FileSystem, FsError, FsWithdrawn, SetAttr
+from gfspy.fuse import killpriv
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,9 @@ class GfspyOperations(pyfuse3.Operations):
         fh: int | None,
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
+        # Before any await: the kill bit is read from the request being served.
+        kill = killpriv.negotiated() and killpriv.request_kills_suidgid(killpriv.FUSE_SETATTR)
+        ino = self._to_fs(inode)
         changes = SetAttr()
         if fields.update_mode:
             changes.mode = stat.S_IMODE(attr.st_mode)
@@ -212,7 +216,16 @@ class GfspyOperations(pyfuse3.Operations):
             changes.ctime_ns = attr.st_ctime_ns
         else:
             changes.ctime_ns = NOW
-        return self._entry(await self.fs.setattr(self._to_fs(inode), changes))
+        if kill and not fields.update_mode:
+            # chown of a non-directory, or truncate by a caller without CAP_FSETID:
+            # the mode change goes in the same fs operation.
+            mode = (await self.fs.getattr(ino)).mode
+            if not stat.S_ISDIR(mode) and killpriv.mode_after_kill(mode) != mode:
+                changes.mode = stat.S_IMODE(killpriv.mode_after_kill(mode))
+        attr = await self.fs.setattr(ino, changes)
+        if kill and not stat.S_ISDIR(attr.mode):
+            await self._drop_capability(ino)
+        return self._entry(attr)
 
     @_shielded_from_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
@@ -285,9 +298,53 @@ class GfspyOperations(pyfuse3.Operations):
 
     # ------------------------------------------------------------------ files
 
+    async def _kill_privs(self, ino: int) -> None:
+        """What FUSE_HANDLE_KILLPRIV_V2 asks of a write: drop set-id bits as the VFS
+        would, and any file capability."""
+        mode = (await self.fs.getattr(ino)).mode
+        killed = killpriv.mode_after_kill(mode)
+        if killed != mode:
+            await self.fs.setattr(ino, SetAttr(mode=stat.S_IMODE(killed), ctime_ns=NOW))
+            await self._expire_kernel_attrs(ino)
+        await self._drop_capability(ino)
+
+    async def _expire_kernel_attrs(self, ino: int) -> None:
+        """A WRITE or OPEN reply carries no attributes, and the kernel does not expect
+        the mode to change under it, so its cached set-id bits would outlive the kill
+        (for stat and for exec) until the attribute timeout. Expire them before
+        replying; attributes only, which never waits on this request, in a thread."""
+        await trio.to_thread.run_sync(_invalidate_attributes, self._to_fuse(ino))
+
+    async def _drop_capability(self, ino: int) -> None:
+        if ino in self.no_capability:
+            return
+        try:
+            await self.fs.getxattr(ino, CAPABILITY_XATTR)
+        except FsError as e:
+            if e.errno != errno.ENODATA:
+                raise
+        else:
+            await self.fs.removexattr(ino, CAPABILITY_XATTR)
+        self.no_capability.add(ino)
+
     @_shielded_from_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        # Before any await: the kill bit is read from the request being served.
+        kill = killpriv.negotiated() and killpriv.request_kills_suidgid(killpriv.FUSE_OPEN)
         ino = self._to_fs(inode)
+        if flags & os.O_TRUNC:
+            # libfuse negotiates FUSE_ATOMIC_O_TRUNC: the kernel sends no setattr
+            # for open(O_TRUNC), truncating is ours (POSIX: and stamp m/ctime).
+            changes = SetAttr(size=0, mtime_ns=NOW, ctime_ns=NOW)
+            if kill:
+                mode = (await self.fs.getattr(ino)).mode
+                if killpriv.mode_after_kill(mode) != mode:
+                    changes.mode = stat.S_IMODE(killpriv.mode_after_kill(mode))
+            await self.fs.setattr(ino, changes)
+            if changes.mode is not None:
+                await self._expire_kernel_attrs(ino)
+            if kill:
+                await self._drop_capability(ino)
         await self.fs.open(ino)
         # One node holds every lock (lock_nolock): the page cache stays valid across
         # opens until a glock demotion invalidates it.
@@ -310,6 +367,11 @@ class GfspyOperations(pyfuse3.Operations):
 
     @_shielded_from_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        # Before any await: the kill bit is read from the request being served. Set
+        # for writes through the kernel by a caller without CAP_FSETID (the kernel
+        # writes through, not back, while the file has set-id bits).
+        if killpriv.negotiated() and killpriv.request_kills_suidgid(killpriv.FUSE_WRITE):
+            await self._kill_privs(fh)
         return await self.fs.write(fh, off, buf)
 
     @_shielded_from_errors
@@ -413,6 +475,15 @@ class GfspyOperations(pyfuse3.Operations):
         if name == CAPABILITY_XATTR:
             self.no_capability.discard(ino)
         await self.fs.removexattr(ino, name)
+
+
+def _invalidate_attributes(fuse_ino: int) -> None:
+    """Runs in a worker thread: expire the kernel's cached attributes of one inode."""
+    try:
+        pyfuse3.invalidate_inode(fuse_ino, attr_only=True)
+    except OSError as e:
+        if e.errno != errno.ENOENT:
+            log.warning("invalidate_inode(%d, attr_only): %s", fuse_ino, os.strerror(e.errno or 0))
 
 
 def _invalidate_batch(fuse_inos: list[int]) -> None:

@@ -40,6 +40,9 @@ class MountOptions:
     allow_other: bool = False
     commit_interval: float = 60.0
     jid: int = 0
+    #: Claim FUSE_HANDLE_KILLPRIV_V2 (gfspy clears set-id bits; small writes skip a
+    #: security.capability round trip each); nokillpriv leaves it to the kernel.
+    killpriv: bool = True
     #: Generic flags to hand to libfuse's mount (nosuid, noatime, ...).
     vfs_flags: list[str] = field(default_factory=list)
 
@@ -85,6 +88,8 @@ def parse_options(option_lists: list[str]) -> MountOptions:
                 opts.debug = True
             elif item == "allow_other":
                 opts.allow_other = True
+            elif item in ("killpriv", "nokillpriv"):
+                opts.killpriv = item == "killpriv"
             elif key == "lockproto" and has_value:
                 if value not in _LOCKPROTOS:
                     raise OptionError(
