@@ -64,6 +64,16 @@ def cookie_of(dhash: int, name: bytes) -> int:
 
 
 @dataclass(slots=True)
+class _BlockIndex:
+    """What a walk of one dirent block learnt: where each live name is, and where
+    the last record (the one reaching the end of the block) starts, -1 if unknown."""
+
+    buf: bytearray
+    names: dict[bytes, int]
+    tail: int
+
+
+@dataclass(slots=True)
 class Found:
     """Where a dirent lives, so it can be changed or removed in place."""
 
@@ -80,12 +90,12 @@ class Directories:
         self.bmap = bmap
         self.geo = geo
         self.bsize = geo.bsize
-        #: id(buffer) -> (buffer, {name: offset of its live dirent}) for dirent blocks
-        #: already walked: a lookup is then one dict probe instead of a walk of the
-        #: block. Keyed by the cached buffer object itself (held here, so its id stays
-        #: unique), so an image the cache replaced or reloaded is simply not found.
-        #: Every change to a dirent block in this module keeps its entry exact.
-        self._names: dict[int, tuple[bytearray, dict[bytes, int]]] = {}
+        #: id(buffer) -> index of a dirent block already walked: a lookup is then
+        #: one dict probe instead of a walk of the block. Keyed by the cached buffer
+        #: object itself (held by the index, so its id stays unique), so an image the
+        #: cache replaced or reloaded is simply not found. Every change to a dirent
+        #: block in this module keeps its index exact.
+        self._names: dict[int, _BlockIndex] = {}
 
     # ---------------------------------------------------------------- hash table
 
@@ -195,13 +205,17 @@ class Directories:
 
     # ------------------------------------------------------------------- lookup
 
+    def _indexed(self, buf: bytearray) -> _BlockIndex | None:
+        entry = self._names.get(id(buf))
+        return entry if entry is not None and entry.buf is buf else None
+
     def _index(self, buf: bytearray, start: int) -> dict[bytes, int]:
         """Name -> offset of every live dirent in buf[start:bsize], walked once."""
-        entry = self._names.get(id(buf))
-        if entry is not None and entry[0] is buf:
-            return entry[1]
+        entry = self._indexed(buf)
+        if entry is not None:
+            return entry.names
         names: dict[bytes, int] = {}
-        offset = start
+        offset = last = start
         end = self.bsize
         while offset < end:
             formal, addr, _h, rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
@@ -209,10 +223,11 @@ class Directories:
                 raise FormatError(f"dirent at {offset}: bad rec_len {rec_len}")
             if addr and formal and 40 + name_len <= rec_len:
                 names.setdefault(bytes(buf[offset + 40 : offset + 40 + name_len]), offset)
+            last = offset
             offset += rec_len
         if len(self._names) >= _NAME_INDEX_LIMIT:
             self._names.clear()
-        self._names[id(buf)] = (buf, names)
+        self._names[id(buf)] = _BlockIndex(buf, names, last)
         return names
 
     def _forget_index(self, buf: bytearray) -> None:
@@ -230,36 +245,54 @@ class Directories:
         return offset
 
     def _insert(self, buf: bytearray, start: int, dirent: Dirent) -> bool:
-        """Put `dirent` into the first record with room (same rules as the ondisk
-        add_dirent), scanning raw headers instead of decoding every entry."""
-        needed = dirent.size
-        offset = start
-        end = self.bsize
-        while offset < end:
-            formal, addr, _h, rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
-            if rec_len < 40 or offset + rec_len > end:
-                raise FormatError(f"dirent at {offset}: bad rec_len {rec_len}")
-            if not addr or not formal:
-                if offset == start and rec_len >= needed:
-                    dirent.rec_len = rec_len
-                    dirent.pack_into(buf, offset)
-                    self._index_add(buf, dirent.name, offset)
-                    return True
-            else:
-                size = (40 + name_len + 7) & ~7
-                if rec_len - size >= needed:
-                    struct.pack_into(">H", buf, offset + 20, size)
-                    dirent.rec_len = rec_len - size
-                    dirent.pack_into(buf, offset + size)
-                    self._index_add(buf, dirent.name, offset + size)
-                    return True
-            offset += rec_len
+        """Put `dirent` into a record with room (same rules as the ondisk add_dirent):
+        the block's last record first, where an append finds its room at once, then
+        the first record with room, scanning raw headers."""
+        index = self._indexed(buf)
+        if (
+            index is not None
+            and index.tail >= 0
+            and self._insert_at(buf, start, index.tail, dirent)
+        ):
+            return True
+        offset = last = start
+        while offset < self.bsize:
+            if self._insert_at(buf, start, offset, dirent):
+                return True
+            last = offset
+            offset += struct.unpack_from(">H", buf, offset + 20)[0]  # checked by _insert_at
+        if index is not None:
+            index.tail = last
         return False
 
+    def _insert_at(self, buf: bytearray, start: int, offset: int, dirent: Dirent) -> bool:
+        """Put `dirent` into the record at `offset` if it has room."""
+        formal, addr, _h, rec_len, name_len, _ = _ENTRY_FIELDS.unpack_from(buf, offset)
+        if rec_len < 40 or offset + rec_len > self.bsize:
+            raise FormatError(f"dirent at {offset}: bad rec_len {rec_len}")
+        needed = dirent.size
+        if not addr or not formal:
+            if offset != start or rec_len < needed:
+                return False
+            dirent.rec_len = rec_len
+            dirent.pack_into(buf, offset)
+            self._index_add(buf, dirent.name, offset)
+            return True
+        size = (40 + name_len + 7) & ~7
+        if rec_len - size < needed:
+            return False
+        struct.pack_into(">H", buf, offset + 20, size)
+        dirent.rec_len = rec_len - size
+        dirent.pack_into(buf, offset + size)
+        self._index_add(buf, dirent.name, offset + size)
+        return True
+
     def _index_add(self, buf: bytearray, name: bytes, offset: int) -> None:
-        entry = self._names.get(id(buf))
-        if entry is not None and entry[0] is buf:
-            entry[1].setdefault(name, offset)
+        entry = self._indexed(buf)
+        if entry is not None:
+            entry.names.setdefault(name, offset)
+            if offset + struct.unpack_from(">H", buf, offset + 20)[0] == self.bsize:
+                entry.tail = offset
 
     async def lookup(self, ip: Inode, name: bytes) -> Found | None:
         dhash = name_hash(name)
@@ -408,13 +441,12 @@ class Directories:
     async def remove(self, txn: FsTxn, ip: Inode, found: Found) -> None:
         buf = await self.cache.read(found.blkno)
         remove_dirent(buf, found.start, self.bsize, found.offset)
-        entry = self._names.get(id(buf))
-        if (
-            entry is not None
-            and entry[0] is buf
-            and entry[1].get(found.dirent.name) == found.offset
-        ):
-            del entry[1][found.dirent.name]
+        entry = self._indexed(buf)
+        if entry is not None:
+            if entry.names.get(found.dirent.name) == found.offset:
+                del entry.names[found.dirent.name]
+            if entry.tail == found.offset:
+                entry.tail = -1  # merged into the record before it: found by the next walk
         txn.dirty.add(found.blkno)
         if found.start == LEAF_HEADER_SIZE:
             entries = struct.unpack_from(">H", buf, _LF_ENTRIES)[0]
