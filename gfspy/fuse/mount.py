@@ -12,6 +12,7 @@ import argparse
 import ctypes
 import errno
 import faulthandler
+import gc
 import logging
 import logging.handlers
 import os
@@ -271,6 +272,10 @@ def _run(
 ) -> int:
     _setup_logging(opts, foreground)
     faulthandler.register(signal.SIGUSR1)
+    # The daemon keeps many long-lived objects (cached inodes, dirent indexes), and
+    # the default young-generation threshold of 700 made the collector a
+    # measurable share of every create; collections stay automatic, just rarer.
+    gc.set_threshold(20_000, 50, 1000)
     try:
         return trio.run(serve, device, mountpoint, opts, pipe)
     except MountError as e:

@@ -374,10 +374,9 @@ class GfspyOperations(pyfuse3.Operations):
             await self._kill_privs(fh)
         return await self.fs.write(fh, off, buf)
 
-    @_shielded_from_errors
-    async def flush(self, fh: int) -> None:
-        # close(2) is not a durability point in POSIX; fsync is.
-        return None
+    # No flush handler: close(2) is not a durability point in POSIX (fsync is), and
+    # the kernel's writeback of the file's pages happens at close without one. The
+    # default ENOSYS tells the kernel to stop sending FLUSH, a round trip per close.
 
     @_shielded_from_errors
     async def release(self, fh: int) -> None:
