@@ -74,6 +74,9 @@ class Allocator:
         self.entries = sorted(entries, key=lambda e: e.addr)
         self._starts = [e.data0 for e in self.entries]
         self._rgrps: dict[int, Rgrp] = {}
+        #: Bumped whenever freed blocks may be handed out again: a read that mapped
+        #: blocks and then read them without the mount lock checks it did not change.
+        self.reuse_epoch = 0
         self._last_rgrp = 0
         #: Free blocks over all rgrps, and how many of them stay reserved until the
         #: next log flush (freed since; see Rgrp.clone).
@@ -117,6 +120,7 @@ class Allocator:
         for rg in self._rgrps.values():
             rg.clone = None
         self.pinned = 0
+        self.reuse_epoch += 1
 
     @property
     def available(self) -> int:
@@ -135,6 +139,7 @@ class Allocator:
 
     def invalidate(self) -> None:
         """Forget decoded rgrps (rgrp glock given up): reread on next use."""
+        self.reuse_epoch += 1  # another node may hand our freed blocks out
         self._rgrps.clear()
 
     async def _use(self, txn: FsTxn, index: int) -> Rgrp:

@@ -8,6 +8,7 @@ out in one device write, and holes read as zeros without touching the device.
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 from gfspy.blockdev.device import Device
 from gfspy.fs.alloc import Allocator
@@ -33,6 +34,17 @@ def _runs(blocks: list[int], first_lblock: int) -> list[tuple[int, int, int]]:
     return runs
 
 
+@dataclass(slots=True)
+class ReadPlan:
+    """A read resolved to device extents: `inline` bytes (stuffed data), or `runs` of
+    (first block, count) with block 0 a hole, of which `length` bytes from `skip` on."""
+
+    inline: bytes | None
+    runs: list[tuple[int, int]]
+    skip: int
+    length: int
+
+
 class FileData:
     def __init__(
         self, device: Device, cache: BufferCache, alloc: Allocator, bmap: BlockMap, geo: Geometry
@@ -45,25 +57,35 @@ class FileData:
         self.bsize = geo.bsize
 
     async def read(self, ip: Inode, offset: int, size: int) -> bytes:
+        return await self.fetch(await self.plan_read(ip, offset, size))
+
+    async def plan_read(self, ip: Inode, offset: int, size: int) -> ReadPlan:
+        """Where the bytes of [offset, offset+size) are: everything a read needs from
+        the metadata, so the device reads can run without the mount lock."""
         end = min(ip.di.size, offset + size)
         if offset >= end:
-            return b""
+            return ReadPlan(b"", [], 0, 0)
         if ip.di.height == 0:
             buf = await self.cache.read(ip.addr)
-            return bytes(buf[DINODE_SIZE + offset : DINODE_SIZE + end])
+            return ReadPlan(bytes(buf[DINODE_SIZE + offset : DINODE_SIZE + end]), [], 0, 0)
         bs = self.bsize
         lo = offset // bs
         hi = -(-end // bs)
-        blocks = await self.bmap.map(ip, lo, hi)
+        runs = [(pb, n) for _lb, pb, n in _runs(await self.bmap.map(ip, lo, hi), lo)]
+        return ReadPlan(None, runs, offset - lo * bs, end - offset)
+
+    async def fetch(self, plan: ReadPlan) -> bytes:
+        if plan.inline is not None:
+            return plan.inline
+        bs = self.bsize
         parts = []
-        for _lb, pb, n in _runs(blocks, lo):
+        for pb, n in plan.runs:
             if pb == 0:
                 parts.append(bytes(n * bs))
             else:
                 parts.append(await self.device.read(pb * bs, n * bs))
         data = b"".join(parts)
-        start = offset - lo * bs
-        return data[start : start + (end - offset)]
+        return data[plan.skip : plan.skip + plan.length]
 
     async def unstuff(self, txn: FsTxn, ip: Inode) -> None:
         """Move stuffed data into a data block; the dinode then holds pointers."""

@@ -759,12 +759,30 @@ class FileSystem(NamespaceOps, XattrOps):
     async def read(self, ino: int, offset: int, size: int) -> bytes:
         if offset < 0 or size < 0:
             raise FsError(errno.EINVAL)
+        # The extents are found under the mount lock; the device reads run without
+        # it, so the kernel's readahead requests overlap. The inode glock stays held
+        # until the data is in, and a read during which freed blocks may have been
+        # handed out again (a log flush) is done over, all under the lock.
         async with self._op(write=False) as txn:
             await self._hold(txn, ino, shared=True)
             ip = await self._inode(ino)
             if ip.di.is_dir():
                 raise FsError(errno.EISDIR)
-            data = await self.files.read(ip, offset, size)
+            plan = await self.files.plan_read(ip, offset, size)
+            epoch = self.alloc.reuse_epoch
+            holders, txn.holders, txn.held = txn.holders, [], {}
+        try:
+            data = await self.files.fetch(plan)
+        except DeviceError as e:
+            raise self._withdraw(f"read of inode {ino} failed: {e}") from e
+        finally:
+            for holder in holders:
+                holder.glock.release(holder)
+        self._check_alive(False)
+        if self.alloc.reuse_epoch != epoch:
+            async with self._op(write=False) as txn:
+                await self._hold(txn, ino, shared=True)
+                data = await self.files.read(await self._inode(ino), offset, size)
         if not self.readonly and self._atime_due(ip):
             async with self._op() as txn:
                 await self._hold(txn, ino)

@@ -127,3 +127,32 @@ async def test_big_file_is_freed_in_slices(tmp_path):
             await fs.getattr(ino)
         assert info.value.errno == errno.ESTALE
     assert_clean(img)
+
+
+@pytest.mark.timeout(60)
+async def test_read_is_redone_under_the_lock_when_freed_blocks_may_have_been_reused(tmp_path):
+    """Reads fetch data without the mount lock; one during which a log flush let freed
+    blocks be handed out again must not return what those blocks hold now."""
+    img = make_image(tmp_path / "fs.img", size_mib=64)
+    async with mounted(img) as fs:
+        payload = bytes(range(256)) * 64
+        ino = (await fs.create(fs.root_ino, b"f", 0o100644, 0, 0)).ino
+        await fs.write(ino, 0, payload)
+        fetches = []
+        real_fetch = fs.files.fetch
+
+        async def fetch_during_a_flush(plan):
+            fetches.append(plan)
+            if len(fetches) == 1:
+                fs.alloc.release_freed()  # as a concurrent flush would
+            return await real_fetch(plan)
+
+        fs.files.fetch = fetch_during_a_flush
+        assert await fs.read(ino, 0, len(payload)) == payload
+        assert len(fetches) == 2  # the unlocked fetch, then the locked re-read
+        fetches.clear()
+        assert await fs.read(ino, 100, 1000) == payload[100:1100]
+        assert len(fetches) == 2
+        fs.files.fetch = real_fetch
+        assert await fs.read(ino, 0, 10) == payload[:10]
+    assert_clean(img)
