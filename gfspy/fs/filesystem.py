@@ -14,8 +14,7 @@ import logging
 import os
 import stat
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager, nullcontext
+from collections.abc import Callable
 
 import trio
 
@@ -28,6 +27,7 @@ from gfspy.fs.fileio import FileData
 from gfspy.fs.inode import Inode
 from gfspy.fs.mount import MountInfo, prepare
 from gfspy.fs.namespace import NamespaceOps, check_name
+from gfspy.fs.operation import Operation, release_holders
 from gfspy.fs.txn import FsTxn
 from gfspy.fs.types import (
     NOW,
@@ -73,13 +73,6 @@ RELATIME_SECONDS = 24 * 3600
 #: Blocks kept back for metadata an operation may need (dinode, leaf splits, table
 #: growth, indirect blocks) on top of what it asks for explicitly.
 META_RESERVE = 64
-
-
-def _release_holders(txn: FsTxn) -> None:
-    for holder in txn.holders:
-        holder.glock.release(holder)
-    txn.holders.clear()
-    txn.held.clear()
 
 
 def _split_ns(ns: int) -> tuple[int, int]:
@@ -236,44 +229,9 @@ class FileSystem(NamespaceOps, XattrOps):
         if write and self.readonly:
             raise FsError(errno.EROFS)
 
-    @asynccontextmanager
-    async def _op(self, write: bool = True) -> AsyncIterator[FsTxn]:
-        self._check_alive(write)
-        # Uncontended (the common case) the lock is taken without trio's checkpoint:
-        # a trip through the scheduler per operation is a measurable share of a
-        # create. The request loop around every operation checkpoints anyway.
-        if self._lock.locked():
-            await self._lock.acquire()
-        else:
-            self._lock.acquire_nowait()
-        try:
-            self._check_alive(write)
-            txn = FsTxn()
-            # A change interrupted half way would leave the cached metadata
-            # inconsistent, so a modifying operation is not cancellable.
-            try:
-                with trio.CancelScope(shield=True) if write else nullcontext():
-                    try:
-                        yield txn
-                        if txn:
-                            await self._commit(txn)
-                        _release_holders(txn)
-                        while self._deferred_frees:
-                            await self._free_deferred(self._deferred_frees.pop())
-                        if write and time.monotonic() - self._last_flush >= self.commit_interval:
-                            await self._flush()
-                    except FsWithdrawn:
-                        raise
-                    except FsError:
-                        if txn:
-                            await self._commit(txn)
-                        raise
-                    except Exception as e:  # noqa: BLE001 - anything else is a withdraw
-                        raise self._withdraw(f"{type(e).__name__}: {e}") from e
-            finally:
-                _release_holders(txn)
-        finally:
-            self._lock.release()
+    def _op(self, write: bool = True) -> Operation:
+        """`async with self._op() as txn:` frames one operation (see Operation)."""
+        return Operation(self, write)
 
     async def _commit(self, txn: FsTxn) -> None:
         """Stage one finished operation's changes for the next log write.
@@ -582,7 +540,7 @@ class FileSystem(NamespaceOps, XattrOps):
                 await self.bmap.truncate(txn, ip, end, metadata_data=False)
                 await self._commit(txn)
             finally:
-                _release_holders(txn)
+                release_holders(txn)
             if end == 0:
                 break
         txn = FsTxn()
@@ -590,7 +548,7 @@ class FileSystem(NamespaceOps, XattrOps):
             await self._dealloc(txn, ip)
             await self._commit(txn)
         finally:
-            _release_holders(txn)
+            release_holders(txn)
 
     async def _shrink_in_slices(self, ip: Inode, size: int) -> None:
         """Cut a big file down from the end, one transaction per slice, so no single
@@ -605,7 +563,7 @@ class FileSystem(NamespaceOps, XattrOps):
                 await self.files.truncate(txn, ip, max(size, end * bs))
                 await self._commit(txn)
             finally:
-                _release_holders(txn)
+                release_holders(txn)
 
     async def _drop_link(self, txn: FsTxn, ip: Inode) -> None:
         ip.di.nlink -= 1 if not ip.di.is_dir() else ip.di.nlink
