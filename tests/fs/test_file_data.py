@@ -156,3 +156,24 @@ async def test_read_is_redone_under_the_lock_when_freed_blocks_may_have_been_reu
         fs.files.fetch = real_fetch
         assert await fs.read(ino, 0, 10) == payload[:10]
     assert_clean(img)
+
+
+@pytest.mark.timeout(60)
+async def test_truncate_up_keeps_the_tree_and_both_checkers_accept_it(tmp_path):
+    """GFS2 grows a file by truncate without raising its tree height (what lies past
+    the tree is a hole); gfspy-fsck once called that a fault (found by fsstress)."""
+    img = make_image(tmp_path / "fs.img", size_mib=64)
+    async with mounted(img) as fs:
+        ino = (await fs.create(fs.root_ino, b"grown", 0o100644, 0, 0)).ino
+        await fs.write(ino, 0, b"\x5a" * (1 << 20))
+        height = fs.inodes[ino].di.height
+        await fs.setattr(ino, SetAttr(size=3_000_000))
+        assert fs.inodes[ino].di.height == height
+        assert await fs.read(ino, (1 << 20) - 2, 4) == b"\x5a\x5a\0\0"
+    assert_clean(img)
+    async with mounted(img) as fs:
+        ino = (await fs.lookup(fs.root_ino, b"grown")).ino
+        assert (await fs.getattr(ino)).size == 3_000_000
+        await fs.write(ino, 2_500_000, b"tail")
+        assert await fs.read(ino, 2_499_998, 8) == b"\0\0tail\0\0"
+    assert_clean(img)
