@@ -52,6 +52,20 @@ log = logging.getLogger(__name__)
 _SYSTEM_NAMES = (b"posix_acl_access", b"posix_acl_default")
 
 
+#: EA blocks whose records are indexed at once; past it the index starts over.
+_EA_INDEX_LIMIT = 4096
+
+
+@dataclass(slots=True)
+class _EAIndex:
+    """One walk of an EA block: where each named record is, and the smallest record
+    size that was found not to fit (so a full block is not walked again for it)."""
+
+    buf: bytearray
+    names: dict[tuple[int, bytes], int]
+    no_room_for: int
+
+
 @dataclass(slots=True)
 class _Where:
     blkno: int
@@ -81,6 +95,26 @@ class Xattrs:
         self.geo = geo
         self.bsize = geo.bsize
         self.fs_format = fs_format
+        #: id(buffer) -> index of an EA block, keyed by the cached buffer object as
+        #: in Directories: a lookup among thousands of xattrs is then a dict probe
+        #: per EA block, not a decode of every record. Dropped on every change.
+        self._indexes: dict[int, _EAIndex] = {}
+
+    def _index(self, buf: bytearray) -> _EAIndex:
+        entry = self._indexes.get(id(buf))
+        if entry is not None and entry.buf is buf:
+            return entry
+        names: dict[tuple[int, bytes], int] = {}
+        for offset, rec in iter_ea_records(buf, self.bsize):
+            if rec.type != EATYPE_UNUSED:
+                names.setdefault((rec.type, rec.name), offset)
+        if len(self._indexes) >= _EA_INDEX_LIMIT:
+            self._indexes.clear()
+        entry = self._indexes[id(buf)] = _EAIndex(buf, names, 1 << 30)
+        return entry
+
+    def _changed(self, buf: bytearray) -> None:
+        self._indexes.pop(id(buf), None)
 
     async def _ea_blocks(self, ip: Inode) -> list[int]:
         if not ip.di.eattr:
@@ -106,9 +140,12 @@ class Xattrs:
         return out
 
     async def _find(self, ip: Inode, ea_type: int, short: bytes) -> _Where | None:
-        for where in await self._records(ip):
-            if where.record.type == ea_type and where.record.name == short:
-                return where
+        key = (ea_type, short)
+        for blkno in await self._ea_blocks(ip):
+            buf = await self.cache.read(blkno)
+            offset = self._index(buf).names.get(key)
+            if offset is not None:
+                return _Where(blkno, offset, EARecord.unpack(buf, offset))
         return None
 
     async def _value(self, rec: EARecord) -> bytes:
@@ -180,6 +217,7 @@ class Xattrs:
     async def _remove(self, txn: FsTxn, ip: Inode, where: _Where) -> None:
         buf = await self.cache.read(where.blkno)
         rec = remove_ea_record(buf, where.offset)
+        self._changed(buf)
         txn.dirty.add(where.blkno)
         if rec.pointers:
             await self.alloc.free(txn, list(rec.pointers))
@@ -190,11 +228,17 @@ class Xattrs:
             txn.inodes.add(ip)
 
     async def _insert(self, txn: FsTxn, ip: Inode, record: EARecord) -> None:
+        needed = record.size
         for blkno in await self._ea_blocks(ip):
             buf = await self.cache.read(blkno)
+            index = self._index(buf)
+            if needed >= index.no_room_for:
+                continue
             if add_ea_record(buf, record) is not None:
+                self._changed(buf)
                 txn.dirty.add(blkno)
                 return
+            index.no_room_for = needed
         (new_blk,) = await self._alloc(txn, ip, 1)
         buf = self.cache.new(new_blk, new_ea_block(self.bsize))
         if add_ea_record(buf, record) is None:
