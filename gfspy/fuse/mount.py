@@ -26,6 +26,7 @@ from gfspy.blockdev.device import open_device
 from gfspy.fs.api import FileSystem, FsError
 from gfspy.fuse import killpriv
 from gfspy.fuse.daemon import ReadyPipe, run_detached
+from gfspy.fuse.mount_record import DaemonRecord
 from gfspy.fuse.operations import GfspyOperations
 from gfspy.fuse.options import MountOptions, OptionError, parse_options
 
@@ -181,9 +182,12 @@ async def _unmount_on_signal(mountpoint: str) -> None:
                 return
 
 
-async def _report_when_ready(ops: GfspyOperations, mountpoint: str, pipe: ReadyPipe) -> None:
+async def _report_when_ready(
+    ops: GfspyOperations, mountpoint: str, pipe: ReadyPipe, record: DaemonRecord
+) -> None:
     await ops.initialized.wait()
     await trio.to_thread.run_sync(_raise_readahead, mountpoint)
+    await trio.to_thread.run_sync(record.register_with_umount8)
     killpriv.report(mountpoint)
     log.info("%s: ready", mountpoint)
     pipe.ready()
@@ -217,19 +221,22 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
     ops = GfspyOperations(fs)
     if opts.killpriv:
         killpriv.enable()
+    # For umount.gfspy: which daemon serves this mount, and later how it ended.
+    record = DaemonRecord(device_spec, mountpoint)
     try:
         pyfuse3.init(ops, mountpoint, _fuse_options(device_spec, opts))
     except RuntimeError:
         await fs.close()
         await fs.device.aclose()
         raise MountError(f"{mountpoint}: cannot mount FUSE there") from None
+    await trio.to_thread.run_sync(record.write_serving)
     code = EXIT_OK
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(ops.run_invalidations)
             nursery.start_soon(fs.run_periodic_flush)
             nursery.start_soon(_unmount_on_signal, mountpoint)
-            nursery.start_soon(_report_when_ready, ops, mountpoint, pipe)
+            nursery.start_soon(_report_when_ready, ops, mountpoint, pipe, record)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
     except Exception:
@@ -246,6 +253,7 @@ async def serve(device_spec: str, mountpoint: str, opts: MountOptions, pipe: Rea
                 code = EXIT_SERVE_FAILED
             pyfuse3.close(unmount=True)  # a no-op if umount already did it
             await fs.device.aclose()
+            await trio.to_thread.run_sync(record.write_outcome, code)
     probes = killpriv.capability_probes()
     if probes is not None:
         log.info("%s: the kernel asked for security.capability %d times", mountpoint, probes)
