@@ -50,6 +50,11 @@ class Device(abc.ABC):
     async def discard(self, offset: int, length: int) -> None:  # noqa: B027
         """Hint that a range is unused; the default does nothing."""
 
+    def claim(self, exclusive: bool) -> None:  # noqa: B027
+        """Keep other gfspy processes on this host from using the device at the same
+        time (exclusive), or from writing it (shared); DeviceError(EBUSY) if one does.
+        Held until close. The default, for remote devices, does nothing."""
+
     async def write_zeroes(self, offset: int, length: int) -> None:
         """Write zeros over a range (implementations may do this without sending data)."""
         chunk = 1 << 20

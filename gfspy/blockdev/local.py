@@ -93,6 +93,15 @@ class LocalDevice(Device):
             sector = 512
         return cls(fd, path, size, sector, readonly, want_direct, is_blockdev)
 
+    def claim(self, exclusive: bool) -> None:
+        """An advisory flock on the file or device node, released when it closes."""
+        try:
+            fcntl.flock(self._fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DeviceError(errno.EBUSY, f"{self.name}: in use by another gfspy mount") from None
+        except OSError as e:
+            raise DeviceError(e.errno or errno.EIO, f"{self.name}: cannot lock: {e}") from None
+
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
         return await trio.to_thread.run_sync(self._pread, offset, length)

@@ -10,7 +10,7 @@ import errno
 import logging
 from dataclasses import dataclass
 
-from gfspy.blockdev.device import Device
+from gfspy.blockdev.device import Device, DeviceError
 from gfspy.fs.types import FsError
 from gfspy.journal.extent import JournalLayoutError
 from gfspy.journal.locate import LocateError, locate_journal, lookup, read_superblock
@@ -98,6 +98,12 @@ async def prepare(device: Device, *, jid: int, readonly: bool, lockproto: str | 
     if sb.bsize > 4096 or sb.bsize * 16 > device.size:
         raise FsError(errno.EINVAL, f"{device.name}: unsupported block size {sb.bsize}")
     choose_lockproto(sb, lockproto)
+    # lock_nolock trusts that nothing else uses the device: two mounts of one image
+    # on this host (or a read-only one beside a writer) are refused before replay.
+    try:
+        device.claim(exclusive=not readonly)
+    except DeviceError as e:
+        raise FsError(e.errno or errno.EBUSY, e.strerror or str(e)) from None
     geo = Geometry.for_bsize(sb.bsize)
     try:
         files = await locate_journal(device, jid)

@@ -136,6 +136,25 @@ def test_read_only_mount_writes_nothing(tmp_path: Path, mount_image) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_a_second_mount_of_the_same_image_is_refused(tmp_path: Path, mount_image) -> None:
+    """lock_nolock trusts that no one else uses the device: a second daemon on the
+    same image, even read-only, would write or read under the first one's feet."""
+    m = mount_image()
+    (m.mountpoint / "f").write_bytes(b"content")
+    for extra in ([], ["-o", "ro"]):
+        other = tmp_path / f"other{len(extra)}"
+        other.mkdir()
+        done = run_mount(str(m.image), str(other), *extra)
+        assert done.returncode == 32, done.stdout + done.stderr
+        assert "in use by another gfspy mount" in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1
+        assert not os.path.ismount(other)
+    assert (m.mountpoint / "f").read_bytes() == b"content"
+    assert m.unmount() == 0
+    assert_clean(m.image)
+
+
+@pytest.mark.timeout(60)
 def test_lockproto_override_mounts_a_lock_dlm_image(tmp_path: Path, mount_image) -> None:
     image = make_image(tmp_path / "dlm.img", lockproto="lock_dlm")
     before = digest(image)
