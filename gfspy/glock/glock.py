@@ -112,8 +112,9 @@ class Glock:
         self._wake()
 
     def _wake(self) -> None:
-        self._changed.set()
-        self._changed = trio.Event()
+        if self._changed.statistics().tasks_waiting:  # nobody waits: keep the event
+            self._changed.set()
+            self._changed = trio.Event()
 
     async def _change_state(self, wanted: int) -> None:
         if self.state == LM_ST_EXCLUSIVE and self.ops.go_sync is not None:
