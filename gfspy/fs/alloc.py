@@ -9,6 +9,7 @@ bytes operations rather than a Python loop per block.
 from __future__ import annotations
 
 import bisect
+import itertools
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
@@ -193,7 +194,9 @@ class Allocator:
         start_index = self.rgrp_index_of(goal)
         if start_index is None:
             start_index = self._last_rgrp
-        order = list(range(start_index, len(self.entries))) + list(range(0, start_index))
+        # Lazily: a 1 TiB filesystem has thousands of rgrps, and most allocations
+        # are served by the first one tried.
+        order = itertools.chain(range(start_index, len(self.entries)), range(start_index))
         for index in order:
             if want == 0:
                 break
