@@ -63,10 +63,12 @@ are ignored):
                      with -f libfuse's trace of every request
 
 Without -f the command returns once the filesystem is ready, leaving a daemon
-that serves it. umount, fusermount3 -u, SIGTERM and SIGINT unmount cleanly.
-SIGUSR1 dumps the daemon's stacks to its stderr.
+that serves it. umount, fusermount3 -u, SIGTERM and SIGINT unmount cleanly;
+the daemon finishes that after umount(8) returns, except with umount.gfspy, which
+waits for it. SIGUSR1 dumps the daemon's stacks to its stderr.
 
-To let mount(8) use it (mount -t gfspy DEVICE DIR), link it as /sbin/mount.gfspy.
+To let mount(8) use it (mount -t gfspy DEVICE DIR), link it as /sbin/mount.gfspy,
+and umount.gfspy as /sbin/umount.fuse.gfspy so that umount waits too.
 
 exit status:
   0   mounted (with -f: served and unmounted cleanly)
