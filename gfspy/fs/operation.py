@@ -68,41 +68,41 @@ class Operation:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> bool:
-        fs, txn = self.fs, self.txn
         try:
             try:
-                if exc_type is None:
-                    await self._finish()
-                elif issubclass(exc_type, FsWithdrawn):
-                    pass
-                elif issubclass(exc_type, FsError):
-                    if txn:
-                        await fs._commit(txn)
-                elif issubclass(exc_type, Exception):
-                    raise fs._withdraw(f"{exc_type.__name__}: {exc}") from exc
+                if exc is None:
+                    try:
+                        await self._finish()
+                    except BaseException as e:
+                        await self._ended_by(e)
+                        raise
+                else:
+                    await self._ended_by(exc)
             finally:
-                release_holders(txn)
+                release_holders(self.txn)
                 if self.shield is not None:
                     self.shield.__exit__(None, None, None)
         finally:
-            fs._lock.release()
+            self.fs._lock.release()
         return False
 
     async def _finish(self) -> None:
         fs, txn = self.fs, self.txn
-        try:
-            if txn:
-                await fs._commit(txn)
-            release_holders(txn)
-            while fs._deferred_frees:
-                await fs._free_deferred(fs._deferred_frees.pop())
-            if self.write and time.monotonic() - fs._last_flush >= fs.commit_interval:
-                await fs._flush()
-        except FsWithdrawn:
-            raise
-        except FsError:
-            if txn:
-                await fs._commit(txn)
-            raise
-        except Exception as e:  # noqa: BLE001 - anything else is a withdraw
-            raise fs._withdraw(f"{type(e).__name__}: {e}") from e
+        if txn:
+            await fs._commit(txn)
+        release_holders(txn)
+        while fs._deferred_frees:
+            await fs._free_deferred(fs._deferred_frees.pop())
+        if self.write and time.monotonic() - fs._last_flush >= fs.commit_interval:
+            await fs._flush()
+
+    async def _ended_by(self, exc: BaseException) -> None:
+        """An FsError keeps what the operation changed so far (staged); any other
+        exception withdraws the mount (raised from here in its place)."""
+        if isinstance(exc, FsWithdrawn):
+            return
+        if isinstance(exc, FsError):
+            if self.txn:
+                await self.fs._commit(self.txn)
+        elif isinstance(exc, Exception):
+            raise self.fs._withdraw(f"{type(exc).__name__}: {exc}") from exc

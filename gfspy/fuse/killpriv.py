@@ -117,9 +117,10 @@ def negotiated() -> bool:
 
 def request_kills_suidgid(opcode: int) -> bool:
     """Whether the request being served (a WRITE, SETATTR or OPEN) asks the fs to
-    clear set-id bits. Call it before the handler's first await."""
+    clear set-id bits: never unless the flag was negotiated (the kernel then does it
+    itself). Call it before the handler's first await."""
     global _mismatch_logged
-    if _lib is None:
+    if _lib is None or not negotiated():
         return False
     _lib.gfspy_channel_last_request(ctypes.byref(_opcode), ctypes.byref(_kill))
     if _opcode.value != opcode:

@@ -197,7 +197,7 @@ class GfspyOperations(pyfuse3.Operations):
         ctx: pyfuse3.RequestContext,
     ) -> pyfuse3.EntryAttributes:
         # Before any await: the kill bit is read from the request being served.
-        kill = killpriv.negotiated() and killpriv.request_kills_suidgid(killpriv.FUSE_SETATTR)
+        kill = killpriv.request_kills_suidgid(killpriv.FUSE_SETATTR)
         ino = self._to_fs(inode)
         changes = SetAttr()
         if fields.update_mode:
@@ -219,9 +219,7 @@ class GfspyOperations(pyfuse3.Operations):
         if kill and not fields.update_mode:
             # chown of a non-directory, or truncate by a caller without CAP_FSETID:
             # the mode change goes in the same fs operation.
-            mode = (await self.fs.getattr(ino)).mode
-            if not stat.S_ISDIR(mode) and killpriv.mode_after_kill(mode) != mode:
-                changes.mode = stat.S_IMODE(killpriv.mode_after_kill(mode))
+            changes.mode = await self._killed_mode(ino)
         attr = await self.fs.setattr(ino, changes)
         if kill and not stat.S_ISDIR(attr.mode):
             await self._drop_capability(ino)
@@ -301,12 +299,20 @@ class GfspyOperations(pyfuse3.Operations):
     async def _kill_privs(self, ino: int) -> None:
         """What FUSE_HANDLE_KILLPRIV_V2 asks of a write: drop set-id bits as the VFS
         would, and any file capability."""
-        mode = (await self.fs.getattr(ino)).mode
-        killed = killpriv.mode_after_kill(mode)
-        if killed != mode:
-            await self.fs.setattr(ino, SetAttr(mode=stat.S_IMODE(killed), ctime_ns=NOW))
+        killed = await self._killed_mode(ino)
+        if killed is not None:
+            await self.fs.setattr(ino, SetAttr(mode=killed, ctime_ns=NOW))
             await self._expire_kernel_attrs(ino)
         await self._drop_capability(ino)
+
+    async def _killed_mode(self, ino: int) -> int | None:
+        """The permission bits once set-id bits are killed, or None when there is
+        nothing to kill (directories keep theirs)."""
+        mode = (await self.fs.getattr(ino)).mode
+        killed = killpriv.mode_after_kill(mode)
+        if killed == mode or stat.S_ISDIR(mode):
+            return None
+        return stat.S_IMODE(killed)
 
     async def _expire_kernel_attrs(self, ino: int) -> None:
         """A WRITE or OPEN reply carries no attributes, and the kernel does not expect
@@ -319,27 +325,23 @@ class GfspyOperations(pyfuse3.Operations):
         if ino in self.no_capability:
             return
         try:
-            await self.fs.getxattr(ino, CAPABILITY_XATTR)
+            await self.fs.removexattr(ino, CAPABILITY_XATTR)
         except FsError as e:
             if e.errno != errno.ENODATA:
                 raise
-        else:
-            await self.fs.removexattr(ino, CAPABILITY_XATTR)
         self.no_capability.add(ino)
 
     @_shielded_from_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         # Before any await: the kill bit is read from the request being served.
-        kill = killpriv.negotiated() and killpriv.request_kills_suidgid(killpriv.FUSE_OPEN)
+        kill = killpriv.request_kills_suidgid(killpriv.FUSE_OPEN)
         ino = self._to_fs(inode)
         if flags & os.O_TRUNC:
             # libfuse negotiates FUSE_ATOMIC_O_TRUNC: the kernel sends no setattr
             # for open(O_TRUNC), truncating is ours (POSIX: and stamp m/ctime).
             changes = SetAttr(size=0, mtime_ns=NOW, ctime_ns=NOW)
             if kill:
-                mode = (await self.fs.getattr(ino)).mode
-                if killpriv.mode_after_kill(mode) != mode:
-                    changes.mode = stat.S_IMODE(killpriv.mode_after_kill(mode))
+                changes.mode = await self._killed_mode(ino)
             await self.fs.setattr(ino, changes)
             if changes.mode is not None:
                 await self._expire_kernel_attrs(ino)
@@ -370,7 +372,7 @@ class GfspyOperations(pyfuse3.Operations):
         # Before any await: the kill bit is read from the request being served. Set
         # for writes through the kernel by a caller without CAP_FSETID (the kernel
         # writes through, not back, while the file has set-id bits).
-        if killpriv.negotiated() and killpriv.request_kills_suidgid(killpriv.FUSE_WRITE):
+        if killpriv.request_kills_suidgid(killpriv.FUSE_WRITE):
             await self._kill_privs(fh)
         return await self.fs.write(fh, off, buf)
 
