@@ -28,8 +28,6 @@ BLKDISCARD = 0x1277
 _FALLOC_KEEP_SIZE = 0x01
 _FALLOC_PUNCH_HOLE = 0x02
 _libc = ctypes.CDLL(None, use_errno=True)
-#: preadv2 flag: fail with EAGAIN instead of waiting for the disk (Linux >= 4.14).
-_RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 
 
 class LocalDevice(Device):
@@ -106,20 +104,6 @@ class LocalDevice(Device):
 
     async def read(self, offset: int, length: int) -> bytes:
         self.check_range(offset, length)
-        if not self.direct and _RWF_NOWAIT:
-            # Data already in this host's page cache (readahead got there first) is
-            # copied at once: a trip to a worker thread costs more than the copy.
-            buf = bytearray(length)
-            try:
-                n = os.preadv(self._fd, [buf], offset, _RWF_NOWAIT)
-            except BlockingIOError:
-                n = 0
-            except OSError as e:
-                if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
-                    raise DeviceError(e.errno or errno.EIO, f"{self.name}: read: {e}") from None
-                n = 0
-            if n == length:
-                return bytes(buf)
         return await trio.to_thread.run_sync(self._pread, offset, length)
 
     def _pread(self, offset: int, length: int) -> bytes:
